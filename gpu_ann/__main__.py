@@ -1,0 +1,3 @@
+from gpu_ann.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Sampling training examples and assembling them into dense batches on the backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from gpu_ann.handoff import BatchBuffers
+from gpu_ann.matrix import InteractionMatrix
+from gpu_ann.splits import Samples
+
+
+class BatchAssembler:
+    """Builds ``(X, y)`` for batches of sample indices into one reused pair of buffers.
+
+    The tensors returned by :meth:`assemble` are views of those buffers: the next call overwrites
+    them, so finish with a batch (forward and backward) before asking for the next one. On the GPU the
+    kernel runs on torch's current stream, which orders it after the step that read the last batch.
+    """
+
+    def __init__(
+        self,
+        matrix: InteractionMatrix,
+        samples: Samples,
+        max_rows: int,
+        buffers: BatchBuffers | None = None,
+        allow_no_target: bool = False,
+    ) -> None:
+        backend = matrix.backend
+        self.backend = backend
+        self.n_samples = len(samples)
+        self.max_rows = max_rows
+        self.n_items = matrix.n_items
+        if len(samples) and (samples.user.max() >= matrix.n_users or samples.item.max() >= matrix.n_items):
+            raise IndexError(
+                f"samples reach user {samples.user.max()} / item {samples.item.max()} but the matrix is "
+                f"{matrix.n_users} x {matrix.n_items}"
+            )
+        # Item -1 means "no target" (recommending from a whole row): nothing is removed from the row.
+        lowest_item = -1 if allow_no_target else 0
+        if len(samples) and (samples.user.min() < 0 or samples.item.min() < lowest_item):
+            raise IndexError("samples hold negative user or item indices")
+        # Device copies made once; kernel_array wraps them so that launches neither convert nor sync.
+        self._indptr = backend.kernel_array(matrix.indptr)
+        self._indices = backend.kernel_array(matrix.indices)
+        self._users = backend.kernel_array(backend.from_host(samples.user.astype(np.int32)))
+        self._items = backend.kernel_array(backend.from_host(samples.item.astype(np.int32)))
+        # Assemblers used one after another (training, then evaluation) may share one set of buffers.
+        self.buffers = buffers or BatchBuffers(backend, max_rows, matrix.n_items + 3)
+        if self.buffers.X.shape[0] < max_rows or self.buffers.X.shape[1] != matrix.n_items + 3:
+            raise ValueError(
+                f"shared buffers {tuple(self.buffers.X.shape)} do not fit {max_rows} x {matrix.n_items + 3}"
+            )
+
+    def to_device_indices(self, order: np.ndarray):
+        """Sample indices from the host to the form the kernel takes (one host-device copy)."""
+        if len(order) and (order.min() < 0 or order.max() >= self.n_samples):
+            raise IndexError(f"sample indices must lie in [0, {self.n_samples})")
+        return self.backend.kernel_array(self.backend.from_host(order.astype(np.int64)))
+
+    def assemble(self, device_indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X, y)`` for sample indices already on the device (from :meth:`to_device_indices`)."""
+        n = device_indices.shape[0]
+        if n > self.max_rows:
+            raise ValueError(f"batch of {n} rows exceeds the buffer of {self.max_rows}")
+        b = self.buffers
+        self.backend.assemble_rows(
+            self._indptr, self._indices, self._users, self._items, device_indices, b.X_kernel, b.y_kernel
+        )
+        return b.views(n)
+
+
+class BatchLoader:
+    """Epochs of training batches: shuffled without replacement (default) or drawn with replacement.
+
+    The order of each epoch is drawn on the host with numpy's PCG64 (the same on every backend) and
+    copied to the device once per epoch; each batch is then a slice of it on the device.
+    """
+
+    def __init__(
+        self,
+        matrix: InteractionMatrix,
+        samples: Samples,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        replacement: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        buffers: BatchBuffers | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.assembler = BatchAssembler(matrix, samples, batch_size, buffers)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.replacement = replacement
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n, b = self.assembler.n_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        n = self.assembler.n_samples
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.replacement:
+            return rng.integers(0, n, size=n, dtype=np.int64)
+        if self.shuffle:
+            return rng.permutation(n).astype(np.int64)
+        return np.arange(n, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.assembler.to_device_indices(self.epoch_order(self.epoch))
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.assembler.assemble(order[start : start + self.batch_size])
+        self.epoch += 1
+
+
+class FixedBatches:
+    """A fixed random subset of a split, in ``n_batches`` batches: the evaluation set of the seed."""
+
+    def __init__(
+        self,
+        matrix: InteractionMatrix,
+        samples: Samples,
+        batch_size: int,
+        n_batches: int | None,
+        seed: int = 0,
+        buffers: BatchBuffers | None = None,
+    ) -> None:
+        self.assembler = BatchAssembler(matrix, samples, batch_size, buffers)
+        n = len(samples)
+        take = n if n_batches is None else min(n, n_batches * batch_size)
+        # Its own stream of the seed, apart from the training epochs' [seed, epoch] streams.
+        order = np.random.default_rng([seed, 0xE7A1]).permutation(n)[:take]
+        self._batches = [
+            self.assembler.to_device_indices(order[s : s + batch_size]) for s in range(0, take, batch_size)
+        ]
+        self.n_samples = take
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for device_indices in self._batches:
+            yield self.assembler.assemble(device_indices)

@@ -1,0 +1,145 @@
+"""Run directories: the data a run saw (``data.npz``) and its best model (``model.pt``).
+
+Every file is written to a temporary name in the same directory and moved into place with
+``os.replace``, so a crash leaves the previous version or the new one, never half of one. Loading
+never unpickles arbitrary objects: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpu_ann.data.table import RatingsTable, ReadSummary
+
+FORMAT_VERSION = 1
+DATA_FILE = "data.npz"
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A run directory is missing, incomplete or does not match; the message says which file and why."""
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fingerprint(table: RatingsTable) -> str:
+    """A short hash of the id maps: a model only fits data with the same users and items in the same order."""
+    h = hashlib.sha256()
+    for ids in (table.user_ids, table.item_ids):
+        h.update(str(ids.dtype).encode())
+        h.update(np.ascontiguousarray(ids).tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> None:
+    """The table (indices, id maps, titles) and each interaction's split, for recommend and evaluate."""
+    arrays = {
+        "user": table.user,
+        "item": table.item,
+        "split": assignment.astype(np.uint8),
+        "user_ids": table.user_ids,
+        "item_ids": table.item_ids,
+        "fingerprint": np.array(fingerprint(table)),
+        "source": np.array(table.source),
+        "format_version": np.array(FORMAT_VERSION),
+    }
+    if table.item_titles is not None:
+        arrays["item_titles"] = table.item_titles
+    _atomic_write(Path(run_dir) / DATA_FILE, lambda f: np.savez(f, **arrays))
+
+
+def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
+    path = Path(run_dir) / DATA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (is {run_dir} a gpu-ann run directory?)")
+    with np.load(path, allow_pickle=False) as z:
+        table = RatingsTable(
+            user=z["user"],
+            item=z["item"],
+            rating=None,
+            timestamp=None,
+            user_ids=z["user_ids"],
+            item_ids=z["item_ids"],
+            item_titles=z["item_titles"] if "item_titles" in z.files else None,
+            source=str(z["source"]),
+            summary=ReadSummary(rows_read=len(z["user"])),
+        )
+        assignment = z["split"]
+        stored = str(z["fingerprint"])
+    if stored != fingerprint(table):
+        raise CheckpointError(f"{path}: the id maps do not match their stored fingerprint (file damaged?)")
+    return table, assignment
+
+
+@dataclass
+class Checkpoint:
+    model_state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    step: int
+    epoch: int
+    best_validation_loss: float
+    data_fingerprint: str
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model_state": {k: v.detach().cpu() for k, v in ckpt.model_state.items()},
+        "config": ckpt.config,
+        "step": ckpt.step,
+        "epoch": ckpt.epoch,
+        "best_validation_loss": ckpt.best_validation_loss,
+        "data_fingerprint": ckpt.data_fingerprint,
+    }
+    _atomic_write(Path(run_dir) / MODEL_FILE, lambda f: torch.save(payload, f))
+    text = json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(Path(run_dir) / CONFIG_FILE, lambda f: f.write(text), mode="w")
+
+
+def load_checkpoint(run_dir: Path, table: RatingsTable | None = None) -> Checkpoint:
+    """Load ``model.pt``; with ``table``, refuse a checkpoint trained on other users or items."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (did training write a checkpoint into {run_dir}?)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read safely ({exc.__class__.__name__}: {exc})") from exc
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {payload.get('format_version')}, this gpu-ann reads {FORMAT_VERSION}"
+        )
+    ckpt = Checkpoint(**{k: v for k, v in payload.items() if k != "format_version"})
+    if table is not None and ckpt.data_fingerprint != fingerprint(table):
+        raise CheckpointError(
+            f"{path}: trained on data with fingerprint {ckpt.data_fingerprint}, "
+            f"but {table.source or 'the data'} has {fingerprint(table)} (other users or items)"
+        )
+    return ckpt

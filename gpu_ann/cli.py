@@ -1,0 +1,174 @@
+"""The ``gpu-ann`` command: ``train`` and ``recommend``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gpu_ann import __version__
+from gpu_ann.train import TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three comma-separated numbers") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three comma-separated numbers (train,validation,test)")
+    return parts
+
+
+def _hidden(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three comma-separated integers") from None
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three positive comma-separated integers")
+    return parts
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu-ann",
+        description="Train a YouTube-style candidate generator on user-item ratings and recommend with it.",
+    )
+    parser.add_argument("--version", action="version", version=f"gpu-ann {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train on a ratings file (default: the bundled anime ratings)",
+        description="Train the candidate generator; the best model is saved in --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = t.add_argument_group("data")
+    d.add_argument(
+        "--data",
+        help="ratings file: CSV/TSV(.gz), Parquet, MovieLens ratings.csv or the anime zip "
+        "(default: the bundled anime ratings)",
+    )
+    d.add_argument("--user-col", help="name (or 0-based position without a header) of the user id column")
+    d.add_argument("--item-col", help="name (or position) of the item id column")
+    d.add_argument("--rating-col", help="name (or position) of the rating column")
+    d.add_argument("--sep", help="field separator (default: from the file's extension or first line)")
+    d.add_argument("--no-header", dest="header", action="store_false", help="the file has no header line")
+    d.add_argument(
+        "--split",
+        type=_fractions,
+        default=DEFAULTS.split,
+        metavar="TRAIN,VAL,TEST",
+        help="random split fractions of the interactions",
+    )
+    d.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split, the sampling and the weights")
+    m = t.add_argument_group("model and optimisation")
+    m.add_argument("--hidden", type=_hidden, default=DEFAULTS.hidden, metavar="H0,H1,H2", help="hidden sizes")
+    m.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate")
+    m.add_argument("--batch-size", type=_positive, default=DEFAULTS.batch_size, help="training batch size")
+    m.add_argument(
+        "--sampling",
+        choices=("epoch", "replacement"),
+        default=DEFAULTS.sampling,
+        help="shuffled epochs, or batches drawn with replacement (the original notebook)",
+    )
+    s = t.add_argument_group("evaluation and stopping")
+    s.add_argument("--eval-every", type=_positive, default=DEFAULTS.eval_every, help="steps between evaluations")
+    s.add_argument(
+        "--eval-batches",
+        type=_positive,
+        default=DEFAULTS.eval_batches,
+        help="fixed random batches of each split averaged per evaluation",
+    )
+    s.add_argument(
+        "--patience",
+        type=_positive,
+        default=DEFAULTS.patience,
+        help="evaluations without a better validation loss before stopping early",
+    )
+    s.add_argument("--max-epochs", type=_positive, default=DEFAULTS.max_epochs, help="stop after this many epochs")
+    s.add_argument("--max-steps", type=_positive, default=None, help="stop after this many steps (overrides epochs)")
+    r = t.add_argument_group("where")
+    r.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "cuda"),
+        default=DEFAULTS.backend,
+        help="auto = cuda when a usable GPU is found, else cpu",
+    )
+    r.add_argument("--out", default=DEFAULTS.out, help="run directory for data.npz, model.pt and config.json")
+
+    rec = sub.add_parser(
+        "recommend",
+        help="top items for a user of a trained run",
+        description="Print the top-K items a user has not rated, with titles.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    rec.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
+    rec.add_argument("--user", required=True, metavar="ID", help="raw user id, as in the ratings file")
+    rec.add_argument("-k", type=_positive, default=10, help="how many items")
+    rec.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu", help="where to score")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gpu_ann.train import train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    print(f"gpu-ann train: data={cfg.data or 'bundled anime ratings'} backend={cfg.backend} out={cfg.out}")
+    result = train(cfg)
+    verdict = "below" if result.final_validation_loss < result.popularity_validation_loss else "NOT below"
+    print(
+        f"done in {result.seconds:.0f} s, {result.steps} steps, {result.samples_per_second:,.0f} samples/s\n"
+        f"validation loss (best model, whole split): {result.final_validation_loss:.4f}\n"
+        f"popularity baseline loss (same split):     {result.popularity_validation_loss:.4f}  ({verdict})\n"
+        f"checkpoint: {result.run_dir}  (try: gpu-ann recommend --checkpoint {result.run_dir} --user 1)"
+    )
+    return 0
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from gpu_ann.recommend import Recommender
+
+    rec = Recommender(args.checkpoint, backend=args.backend)
+    items = rec.for_user(args.user, args.k)
+    print(f"top {len(items)} for user {args.user} (excluding the items the user rated):")
+    width = max(len(str(r.item_id)) for r in items) if items else 0
+    for r in items:
+        print(f"{r.rank:3d}. {str(r.item_id):>{width}}  {r.title}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpu_ann.backend import BackendUnavailable
+    from gpu_ann.checkpoint import CheckpointError
+    from gpu_ann.data.table import DataError
+    from gpu_ann.recommend import UnknownId
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return {"train": _train, "recommend": _recommend}[args.command](args)
+    except (DataError, CheckpointError, BackendUnavailable, UnknownId) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
+        print(f"gpu-ann {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

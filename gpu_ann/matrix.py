@@ -1,0 +1,101 @@
+"""The training matrix as CSR on the backend, validated before any kernel sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+class MalformedMatrix(ValueError):
+    """A CSR matrix a kernel must not read: the message names the row and the value at fault."""
+
+
+def validate_csr(indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_cols: int) -> None:
+    """Raise :class:`MalformedMatrix` unless the CSR arrays are safe for the kernels.
+
+    Safe means: ``indptr`` has ``n_rows + 1`` entries, starts at 0, never decreases and ends at
+    ``len(indices)``; every index is in ``[0, n_cols)``; indices are strictly increasing within each row
+    (sorted, no duplicates: the kernels binary-search the row). Runs on the host, vectorised.
+    """
+    indptr = np.asarray(indptr)
+    indices = np.asarray(indices)
+    if indptr.ndim != 1 or len(indptr) != n_rows + 1:
+        raise MalformedMatrix(f"indptr has {indptr.shape} entries, expected ({n_rows + 1},)")
+    if indptr[0] != 0 or indptr[-1] != len(indices):
+        raise MalformedMatrix(f"indptr runs from {indptr[0]} to {indptr[-1]}, expected 0 to nnz={len(indices)}")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        row = int(np.flatnonzero(steps < 0)[0])
+        raise MalformedMatrix(f"indptr decreases at row {row}: {indptr[row]} -> {indptr[row + 1]}")
+    if len(indices):
+        bad = (indices < 0) | (indices >= n_cols)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            row = int(np.searchsorted(indptr, k, side="right") - 1)
+            raise MalformedMatrix(f"row {row} holds column index {indices[k]}, outside [0, {n_cols})")
+        # Within a row each index must exceed the previous one; the first of each row is exempt.
+        rising = np.diff(indices.astype(np.int64)) > 0
+        row_starts = indptr[1:-1]
+        rising[row_starts[(row_starts > 0) & (row_starts < len(indices))] - 1] = True
+        if not rising.all():
+            k = int(np.flatnonzero(~rising)[0]) + 1
+            row = int(np.searchsorted(indptr, k, side="right") - 1)
+            what = "duplicate" if indices[k] == indices[k - 1] else "unsorted"
+            raise MalformedMatrix(f"row {row} has {what} column indices ({indices[k - 1]} then {indices[k]})")
+
+
+@dataclass
+class InteractionMatrix:
+    """Users x items CSR on a backend (structure only: the stored value is never read by the kernels).
+
+    ``indptr`` is int64 (nnz may pass 2**31), ``indices`` int32. ``csr`` is the scipy / cupyx matrix
+    over the same arrays for library users; the kernels take ``kernel_indptr`` / ``kernel_indices``.
+    """
+
+    backend: Any
+    indptr: Any
+    indices: Any
+    n_users: int
+    n_items: int
+
+    @classmethod
+    def from_pairs(cls, backend, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int):
+        """Build from host (user, item) index arrays; duplicate pairs are kept once."""
+        host = sp.csr_matrix(
+            (np.ones(len(users), dtype=np.float32), (np.asarray(users), np.asarray(items))),
+            shape=(n_users, n_items),
+        )
+        host.sum_duplicates()  # also sorts the indices of each row
+        return cls.from_scipy(backend, host)
+
+    @classmethod
+    def from_scipy(cls, backend, matrix: sp.spmatrix):
+        """Validate a host CSR matrix and move it to the backend."""
+        matrix = sp.csr_matrix(matrix)
+        n_users, n_items = matrix.shape
+        if n_items >= INT32_MAX - 3:
+            raise MalformedMatrix(f"{n_items} items do not fit int32 column indices")
+        validate_csr(matrix.indptr, matrix.indices, n_users, n_items)
+        indptr = backend.from_host(matrix.indptr.astype(np.int64))
+        indices = backend.from_host(matrix.indices.astype(np.int32))
+        return cls(backend, indptr, indices, n_users, n_items)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def csr(self):
+        """The matrix as scipy / cupyx CSR (values all 1). CuPy <= 14.2 keeps int32 indptr (cupy#9490)."""
+        data = self.backend.xp.ones(self.nnz, dtype=self.backend.xp.float32)
+        return self.backend.sparse.csr_matrix((data, self.indices, self.indptr), shape=(self.n_users, self.n_items))
+
+    def row(self, user: int) -> np.ndarray:
+        """The item indices of one user, on the host."""
+        lo, hi = (int(v) for v in self.backend.to_host(self.indptr[user : user + 2]))
+        return self.backend.to_host(self.indices[lo:hi])

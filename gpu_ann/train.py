@@ -1,0 +1,171 @@
+"""Training the candidate generator: a loop that reads top to bottom, with no device branches."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gpu_ann.backend import get_backend
+from gpu_ann.batching import BatchLoader, FixedBatches
+from gpu_ann.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint, save_data
+from gpu_ann.data.readers import load_bundled_anime, read_ratings
+from gpu_ann.data.table import RatingsTable
+from gpu_ann.matrix import InteractionMatrix
+from gpu_ann.metrics import mean_loss, popularity_loss
+from gpu_ann.model import CandidateGenerator
+from gpu_ann.splits import random_split
+
+log = logging.getLogger("gpu_ann.train")
+
+
+@dataclass
+class TrainConfig:
+    # data: None = the bundled anime ratings
+    data: str | None = None
+    user_col: str | None = None
+    item_col: str | None = None
+    rating_col: str | None = None
+    sep: str | None = None
+    header: bool = True
+    # split: the seed's seeded random 80/10/10 split of the interactions
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    # model and optimiser: the seed's MLP and Adam(1e-3)
+    hidden: tuple[int, int, int] = (256, 512, 256)
+    lr: float = 1e-3
+    batch_size: int = 1024
+    sampling: str = "epoch"  # "epoch": shuffled, each sample once per epoch; "replacement": the seed's
+    # evaluation and stopping
+    eval_every: int = 100  # steps between evaluations
+    eval_batches: int = 10  # fixed random batches per split per evaluation
+    patience: int = 5  # evaluations without a better validation loss before stopping
+    max_epochs: int = 3
+    max_steps: int | None = None
+    # where
+    backend: str = "auto"
+    out: str = "runs/anime"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_validation_loss: float
+    final_validation_loss: float  # the best model on the whole validation split
+    popularity_validation_loss: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+def load_table(cfg: TrainConfig) -> RatingsTable:
+    if cfg.data is None:
+        return load_bundled_anime()
+    return read_ratings(
+        cfg.data,
+        user_col=cfg.user_col,
+        item_col=cfg.item_col,
+        rating_col=cfg.rating_col,
+        sep=cfg.sep,
+        header=cfg.header,
+    )
+
+
+def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
+    """Train on ``table`` (default: read as ``cfg`` says); writes ``data.npz`` and the best ``model.pt``."""
+    started = time.perf_counter()
+    backend = get_backend(cfg.backend)
+    table = table if table is not None else load_table(cfg)
+    splits, assignment = random_split(table, cfg.split, cfg.seed)
+    n_items = table.n_items
+    log.info(
+        "data %s: %d users, %d items, %s; %d train / %d validation / %d test samples; backend %s",
+        table.source,
+        table.n_users,
+        n_items,
+        table.summary,
+        len(splits.train),
+        len(splits.validation),
+        len(splits.test),
+        backend.name,
+    )
+
+    matrix = InteractionMatrix.from_pairs(backend, splits.train.user, splits.train.item, table.n_users, n_items)
+    loader = BatchLoader(matrix, splits.train, cfg.batch_size, replacement=cfg.sampling == "replacement", seed=cfg.seed)
+    # Evaluation runs between steps, so it shares the training loader's buffers.
+    buffers = loader.assembler.buffers
+    eval_sets = {
+        name: FixedBatches(matrix, splits[name], cfg.batch_size, cfg.eval_batches, cfg.seed, buffers)
+        for name in ("train", "validation")
+    }
+    popularity = popularity_loss(splits.train.item, splits.validation.item, n_items)
+
+    torch.manual_seed(cfg.seed)
+    model = CandidateGenerator(n_items, cfg.hidden).to(backend.torch_device)
+    optimizer = model.configure_optimizer(cfg.lr)
+
+    run_dir = Path(cfg.out)
+    save_data(run_dir, table, assignment)
+    data_fp = fingerprint(table)
+
+    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
+    best, bad_evals, step, history = math.inf, 0, 0, []
+    bar = tqdm(total=max_steps, unit="step", desc="train", disable=None, dynamic_ncols=True)
+    stop = step >= max_steps
+
+    def evaluate(epoch: int) -> bool:
+        """Log losses, checkpoint an improvement; True when patience has run out."""
+        nonlocal best, bad_evals
+        losses = {name: mean_loss(model, batches) for name, batches in eval_sets.items()}
+        improved = losses["validation"] < best
+        if improved:
+            best, bad_evals = losses["validation"], 0
+            save_checkpoint(run_dir, Checkpoint(model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp))
+        else:
+            bad_evals += 1
+        history.append({"step": step, "epoch": epoch, **losses})
+        bar.write(
+            f"step {step:6d}  epoch {epoch}  train loss {losses['train']:.4f}  "
+            f"validation loss {losses['validation']:.4f}  (popularity {popularity:.4f})"
+            f"{'  *saved' if improved else ''}"
+        )
+        return bad_evals >= cfg.patience
+
+    epoch = 0
+    while not stop:
+        loader.set_epoch(epoch)
+        for X, y in loader:
+            loss = F.cross_entropy(model(X), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+            if step % cfg.eval_every == 0 or step == max_steps:
+                bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
+                stop = evaluate(epoch)
+            if stop or step >= max_steps:
+                stop = True
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    # The best model on the whole validation split, against popularity on the same samples.
+    model.load_state_dict(load_checkpoint(run_dir).model_state)
+    full_val = FixedBatches(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers)
+    final = mean_loss(model, full_val)
+    return TrainResult(
+        run_dir, step, best, final, popularity, history, seconds, step * cfg.batch_size / seconds if seconds else 0.0
+    )

@@ -1,0 +1,168 @@
+"""Dense batch assembly: one input row per sample, target removed, normalised, three count features.
+
+For sample ``s = batch[r]`` with user ``u = sample_users[s]`` and target ``t = sample_items[s]``::
+
+    out[r, :n]      = 1/w at the user's training items other than t, 0 elsewhere
+    out[r, n:n+3]   = f, sqrt(f), f**2   with f = w / n
+    labels[r]       = t
+
+where ``n = out.shape[1] - 3`` and ``w`` is the number of the user's training items other than ``t``
+(``w = 1`` when that is 0). Whether the user has an item is decided by the CSR structure only, never
+by a stored value. ``t`` is removed when it is in the row (training samples) and nothing is removed
+when it is not (validation and test samples, whose target is not in the training matrix).
+
+Three functions with one argument order (``indptr, indices, sample_users, sample_items, batch, out,
+labels``):
+
+* ``assemble_rows_cpu``    numba ``@njit(parallel=True)``: a thread per row, zeros written in the same pass.
+* ``assemble_rows_kernel`` numba-cuda ``@cuda.jit``: a block per row, threads stride over the columns so
+  the zero writes are coalesced. Built on first use (``cuda_kernel()``), never at import, so this module
+  imports without a GPU and without numba-cuda.
+* ``assemble_rows``        the launcher for either target.
+
+The row logic shared by both (finding the target, the count, the features) is written once in
+``_build_row_helpers`` and compiled for each target with that target's decorator.
+
+The CSR must be valid (``gpu_ann.matrix.validate_csr``): an index out of range here is an out-of-bounds
+write, which the kernels do not check for speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# Threads per block for the CUDA kernel. A module constant so tests can shrink it and make tiny
+# inputs span several blocks and several column strides.
+THREADS_PER_BLOCK = 256
+# Upper bound on the grid; rows beyond it are taken by a grid-stride loop.
+MAX_BLOCKS = 65535
+
+cuda = None  # numba.cuda, imported by cuda_kernel() on first use
+
+
+def _build_row_helpers(device_jit):
+    """The per-row logic, compiled with ``device_jit`` (``njit(inline="always")`` or ``cuda.jit(device=True)``)."""
+
+    @device_jit
+    def find_item(indices, start, end, item):
+        # Binary search: rows are sorted (validated before any launch). Returns the position or -1.
+        lo = start
+        hi = end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if indices[mid] < item:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < end and indices[lo] == item:
+            return lo
+        return -1
+
+    @device_jit
+    def remaining_count(start, end, pos):
+        w = end - start
+        if pos >= 0:
+            w -= 1
+        if w < 1:
+            w = 1
+        return w
+
+    @device_jit
+    def write_features(out, r, n_items, w):
+        # float32 literals throughout: a bare 1.0 would compile to f64 instructions on the GPU.
+        f = np.float32(w) / np.float32(n_items)
+        out[r, n_items] = f
+        out[r, n_items + 1] = math.sqrt(f)
+        out[r, n_items + 2] = f * f
+
+    return find_item, remaining_count, write_features
+
+
+_find_item_cpu, _remaining_count_cpu, _write_features_cpu = _build_row_helpers(njit(inline="always"))
+
+
+@njit(parallel=True, cache=True)
+def assemble_rows_cpu(indptr, indices, sample_users, sample_items, batch, out, labels):
+    n_items = out.shape[1] - 3
+    for r in prange(batch.shape[0]):
+        s = batch[r]
+        u = sample_users[s]
+        t = sample_items[s]
+        start = indptr[u]
+        end = indptr[u + 1]
+        pos = _find_item_cpu(indices, start, end, t)
+        w = _remaining_count_cpu(start, end, pos)
+        value = np.float32(1) / np.float32(w)
+        # Zeros in the same parallel pass as the scatter: a separate fill is single-threaded and
+        # touches the buffer twice (GPU-NOTES: 2-4x slower).
+        for c in range(n_items):
+            out[r, c] = 0
+        for k in range(start, end):
+            if k != pos:
+                out[r, indices[k]] = value
+        _write_features_cpu(out, r, n_items, w)
+        labels[r] = t
+
+
+@functools.cache
+def cuda_kernel():
+    """Compile-on-first-use CUDA kernel (needs numba-cuda; a GPU or ``NUMBA_ENABLE_CUDASIM=1`` to run)."""
+    # A module global, not a local: the simulator replaces the kernel's global ``cuda`` with its own
+    # fake module, and would miss a closure variable.
+    global cuda
+    from numba import cuda
+
+    find_item, remaining_count, write_features = _build_row_helpers(cuda.jit(device=True))
+
+    @cuda.jit
+    def assemble_rows_kernel(indptr, indices, sample_users, sample_items, batch, out, labels):
+        n_items = out.shape[1] - 3
+        tid = cuda.threadIdx.x
+        step = cuda.blockDim.x
+        # A block per row; the loop bound is the same for every thread of a block, so the barrier
+        # below is reached by all of them.
+        for r in range(cuda.blockIdx.x, batch.shape[0], cuda.gridDim.x):
+            s = batch[r]
+            u = sample_users[s]
+            t = sample_items[s]
+            start = indptr[u]
+            end = indptr[u + 1]
+            for c in range(tid, n_items, step):
+                out[r, c] = 0
+            # The scatter below may write a column that another thread of this block zeroed.
+            cuda.syncthreads()
+            pos = find_item(indices, start, end, t)
+            w = remaining_count(start, end, pos)
+            value = np.float32(1) / np.float32(w)
+            for k in range(start + tid, end, step):
+                if k != pos:
+                    out[r, indices[k]] = value
+            if tid == 0:
+                write_features(out, r, n_items, w)
+                labels[r] = t
+
+    return assemble_rows_kernel
+
+
+def assemble_rows(indptr, indices, sample_users, sample_items, batch, out, labels, *, target="cpu", stream=0):
+    """Write ``out[:len(batch)]`` and ``labels[:len(batch)]`` for the samples ``batch``.
+
+    ``target="cpu"`` takes numpy arrays; ``target="cuda"`` takes device arrays (numba device arrays,
+    or numpy arrays under the simulator) and launches on ``stream`` without synchronising the host.
+    """
+    n_rows = batch.shape[0]
+    if n_rows == 0:
+        return
+    if target == "cpu":
+        assemble_rows_cpu(indptr, indices, sample_users, sample_items, batch, out, labels)
+    elif target == "cuda":
+        blocks = min(n_rows, MAX_BLOCKS)
+        cuda_kernel()[blocks, THREADS_PER_BLOCK, stream](
+            indptr, indices, sample_users, sample_items, batch, out, labels
+        )
+    else:
+        raise ValueError(f"unknown kernel target {target!r} (expected 'cpu' or 'cuda')")

@@ -1,0 +1,111 @@
+"""The gpu-ann command: help text, a tiny training run, recommend, and clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gpu_ann.cli import build_parser, main
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["recommend", "--help"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: gpu-ann" in text
+    if argv[0] == "train":
+        for flag in (
+            "--data",
+            "--user-col",
+            "--split",
+            "--seed",
+            "--batch-size",
+            "--hidden",
+            "--lr",
+            "--eval-every",
+            "--patience",
+            "--max-epochs",
+            "--max-steps",
+            "--backend",
+            "--out",
+        ):
+            assert flag in text
+
+
+def write_ratings(path, n_users=60, n_items=25, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = ["user,item,rating"]
+    for u in range(n_users):
+        for i in rng.choice(n_items, size=8, replace=False):
+            lines.append(f"u{u},i{i},{rng.integers(1, 6)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_train_then_recommend_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "ratings.csv"
+    write_ratings(data)
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--backend",
+            "cpu",
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+            "--hidden",
+            "8,8,8",
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--eval-batches",
+            "2",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "validation loss (best model, whole split)" in printed and "popularity baseline loss" in printed
+    assert (out / "model.pt").is_file() and (out / "data.npz").is_file() and (out / "config.json").is_file()
+    assert main(["recommend", "--checkpoint", str(out), "--user", "u3", "-k", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("top 4 for user u3")
+    assert [line.split()[0] for line in lines[1:]] == ["1.", "2.", "3.", "4."]
+    assert all(line.split()[1].startswith("i") for line in lines[1:])
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", "empty"),
+        ("user,item\nu1,i1\n", "--rating-col"),
+        ("user,item,rating\nu1,i1,5\nu2,i2,abc\n", "line 3, column 'rating': 'abc' is not a number"),
+    ],
+)
+def test_bad_input_files_give_a_clear_error_and_exit_code_2(tmp_path, capsys, content, expected):
+    data = tmp_path / "bad.csv"
+    data.write_text(content)
+    args = ["train", "--data", str(data), "--backend", "cpu", "--out", str(tmp_path / "run")]
+    if "--rating-col" in expected:
+        args += ["--rating-col", "stars"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu-ann train: error: ") and "bad.csv" in err and expected in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recommend_for_an_unknown_run_directory(tmp_path, capsys):
+    assert main(["recommend", "--checkpoint", str(tmp_path), "--user", "1"]) == 2
+    assert "data.npz: not found" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run([sys.executable, "-m", "gpu_ann", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("gpu-ann ")
