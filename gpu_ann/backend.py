@@ -47,6 +47,9 @@ class CpuBackend:
     def from_host(self, array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array)
 
+    def tensor_from_host(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array))
+
     def to_host(self, array: Any) -> np.ndarray:
         return np.asarray(array)
 
@@ -81,12 +84,28 @@ class CudaBackend:
         self.xp = cupy
         self.sparse = cupyx.scipy.sparse
         self._cuda = cuda
+        self._streams: dict[int, object] = {}
         self.torch_device = torch.device("cuda", torch.cuda.current_device())
+        # CuPy, numba and torch on the one device torch uses.
         cupy.cuda.Device(self.torch_device.index).use()
+        if self.torch_device.index != 0:
+            cuda.select_device(self.torch_device.index)
 
     def from_host(self, array: np.ndarray):
-        # Host -> device copy from pageable memory: blocks the host until the copy is done (sync).
+        """A CuPy copy, for arrays made once and kept for the run (the matrix).
+
+        Host -> device copy from pageable memory: blocks the host until it is done (sync).
+        """
         return self.xp.asarray(array)
+
+    def tensor_from_host(self, array: np.ndarray) -> torch.Tensor:
+        """A torch copy on the device, for arrays made and freed during the run (sample orders).
+
+        Allocated and copied on torch's current stream, the stream the kernels read them on, so the
+        caching allocator cannot hand the block to anyone before those kernels are done with it.
+        Host -> device copy from pageable memory: a host-device sync, once per epoch.
+        """
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.torch_device)
 
     def to_host(self, array: Any) -> np.ndarray:
         # Device -> host copy: a host-device sync.
@@ -97,13 +116,19 @@ class CudaBackend:
         return self._cuda.as_cuda_array(array, sync=False)
 
     def view_of_tensor(self, tensor: torch.Tensor):
-        """A numba device view of a torch buffer, through DLPack via CuPy (zero copy)."""
+        """A numba device view of a torch tensor, through DLPack via CuPy (zero copy).
+
+        The view holds the DLPack capsule, which holds the tensor: the memory lives as long as the view.
+        """
         return self.kernel_array(self.xp.from_dlpack(tensor.detach()))
 
     def assemble_rows(self, *args) -> None:
         # Launch on the stream torch computes on, so the step that reads the batch is ordered after
         # the kernel that writes it, and the kernel after the step that last read the buffer.
-        stream = self._cuda.external_stream(torch.cuda.current_stream(self.torch_device).cuda_stream)
+        handle = torch.cuda.current_stream(self.torch_device).cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._streams[handle] = self._cuda.external_stream(handle)
         _assemble.assemble_rows(*args, target="cuda", stream=stream)
 
     def synchronize(self) -> None:
@@ -126,7 +151,8 @@ def cuda_unusable_reason() -> str | None:
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "no CUDA device is visible"
-        cupy.zeros(1).sum().item()  # a tiny allocation and launch: the driver really works
+        cupy.empty(1)  # a tiny allocation (no kernel: that would need NVRTC, which training does not)
+        cupy.cuda.runtime.deviceSynchronize()
         from numba import cuda
 
         if not cuda.is_available():
@@ -149,6 +175,9 @@ def get_backend(name: str = "auto") -> CpuBackend | CudaBackend:
         return CudaBackend()
     if name == "cuda":
         raise BackendUnavailable(f"--backend cuda was asked for but cannot run: {reason}")
-    if "unusable" in reason:
-        warnings.warn(f"CUDA found but unusable, falling back to the CPU: {reason}", stacklevel=2)
+    if "unusable" in reason or torch.cuda.is_available():
+        # A GPU is there (torch sees it, or CUDA answered but failed): say why it is not used.
+        warnings.warn(
+            f"a GPU was found but the cuda backend cannot use it, so training runs on the CPU: {reason}", stacklevel=2
+        )
     return CpuBackend()

@@ -42,11 +42,12 @@ class BatchAssembler:
         lowest_item = -1 if allow_no_target else 0
         if len(samples) and (samples.user.min() < 0 or samples.item.min() < lowest_item):
             raise IndexError("samples hold negative user or item indices")
-        # Device copies made once; kernel_array wraps them so that launches neither convert nor sync.
+        # Kernel views made once, so that launches neither convert nor sync. The matrix is CuPy's; the
+        # sample arrays are torch's, made on the stream the kernels run on.
         self._indptr = backend.kernel_array(matrix.indptr)
         self._indices = backend.kernel_array(matrix.indices)
-        self._users = backend.kernel_array(backend.from_host(samples.user.astype(np.int32)))
-        self._items = backend.kernel_array(backend.from_host(samples.item.astype(np.int32)))
+        self._users = backend.view_of_tensor(backend.tensor_from_host(samples.user.astype(np.int32)))
+        self._items = backend.view_of_tensor(backend.tensor_from_host(samples.item.astype(np.int32)))
         # Assemblers used one after another (training, then evaluation) may share one set of buffers.
         self.buffers = buffers or BatchBuffers(backend, max_rows, matrix.n_items + 3)
         if self.buffers.X.shape[0] < max_rows or self.buffers.X.shape[1] != matrix.n_items + 3:
@@ -58,7 +59,7 @@ class BatchAssembler:
         """Sample indices from the host to the form the kernel takes (one host-device copy)."""
         if len(order) and (order.min() < 0 or order.max() >= self.n_samples):
             raise IndexError(f"sample indices must lie in [0, {self.n_samples})")
-        return self.backend.kernel_array(self.backend.from_host(order.astype(np.int64)))
+        return self.backend.view_of_tensor(self.backend.tensor_from_host(order.astype(np.int64)))
 
     def assemble(self, device_indices) -> tuple[torch.Tensor, torch.Tensor]:
         """``(X, y)`` for sample indices already on the device (from :meth:`to_device_indices`)."""

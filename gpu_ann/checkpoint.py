@@ -106,17 +106,29 @@ class Checkpoint:
     epoch: int
     best_validation_loss: float
     data_fingerprint: str
+    optimizer_state: dict[str, Any] | None = None  # Adam's moments: plain tensors and numbers
+
+
+def _to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     payload = {
         "format_version": FORMAT_VERSION,
-        "model_state": {k: v.detach().cpu() for k, v in ckpt.model_state.items()},
+        "model_state": _to_cpu(ckpt.model_state),
         "config": ckpt.config,
         "step": ckpt.step,
         "epoch": ckpt.epoch,
         "best_validation_loss": ckpt.best_validation_loss,
         "data_fingerprint": ckpt.data_fingerprint,
+        "optimizer_state": _to_cpu(ckpt.optimizer_state),
     }
     _atomic_write(Path(run_dir) / MODEL_FILE, lambda f: torch.save(payload, f))
     text = json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n"

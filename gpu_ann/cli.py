@@ -130,9 +130,11 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg)
     verdict = "below" if result.final_validation_loss < result.popularity_validation_loss else "NOT below"
     print(
-        f"done in {result.seconds:.0f} s, {result.steps} steps, {result.samples_per_second:,.0f} samples/s\n"
+        f"done in {result.seconds:.0f} s, {result.steps} steps, "
+        f"{result.samples_per_second:,.0f} training samples/s (evaluation and start-up included)\n"
         f"validation loss (best model, whole split): {result.final_validation_loss:.4f}\n"
-        f"popularity baseline loss (same split):     {result.popularity_validation_loss:.4f}  ({verdict})\n"
+        f"popularity baseline loss (same split):     {result.popularity_validation_loss:.4f}  ({verdict}; "
+        f"training counts, add-one smoothed)\n"
         f"checkpoint: {result.run_dir}  (try: gpu-ann recommend --checkpoint {result.run_dir} --user 1)"
     )
     return 0
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_ann.checkpoint import CheckpointError
     from gpu_ann.data.table import DataError
     from gpu_ann.recommend import UnknownId
+    from gpu_ann.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return {"train": _train, "recommend": _recommend}[args.command](args)
-    except (DataError, CheckpointError, BackendUnavailable, UnknownId) as exc:
+    except (DataError, CheckpointError, BackendUnavailable, UnknownId, TrainingDiverged) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
         print(f"gpu-ann {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -91,7 +91,10 @@ class InteractionMatrix:
 
     @property
     def csr(self):
-        """The matrix as scipy / cupyx CSR (values all 1). CuPy <= 14.2 keeps int32 indptr (cupy#9490)."""
+        """The matrix as scipy / cupyx CSR (values all 1), for library users; the kernels never use it."""
+        if self.backend.name == "cuda" and self.nnz > INT32_MAX:
+            # CuPy <= 14.2 casts indptr to int32, which goes negative past 2**31 entries (cupy#9490).
+            raise OverflowError(f"{self.nnz:,} stored entries: too many for a cupyx CSR (int32 indptr)")
         data = self.backend.xp.ones(self.nnz, dtype=self.backend.xp.float32)
         return self.backend.sparse.csr_matrix((data, self.indices, self.indptr), shape=(self.n_users, self.n_items))
 

@@ -26,6 +26,10 @@ from gpu_ann.splits import random_split
 log = logging.getLogger("gpu_ann.train")
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
 @dataclass
 class TrainConfig:
     # data: None = the bundled anime ratings
@@ -66,7 +70,7 @@ class TrainResult:
     popularity_validation_loss: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    samples_per_second: float = 0.0
+    samples_per_second: float = 0.0  # training samples over the whole run's time, evaluation included
 
 
 def load_table(cfg: TrainConfig) -> RatingsTable:
@@ -116,7 +120,6 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
     optimizer = model.configure_optimizer(cfg.lr)
 
     run_dir = Path(cfg.out)
-    save_data(run_dir, table, assignment)
     data_fp = fingerprint(table)
 
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
@@ -128,10 +131,19 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         """Log losses, checkpoint an improvement; True when patience has run out."""
         nonlocal best, bad_evals
         losses = {name: mean_loss(model, batches) for name, batches in eval_sets.items()}
+        if not math.isfinite(losses["validation"]):
+            raise TrainingDiverged(
+                f"validation loss is {losses['validation']} at step {step}; try a lower --lr (now {cfg.lr})"
+            )
         improved = losses["validation"] < best
         if improved:
             best, bad_evals = losses["validation"], 0
-            save_checkpoint(run_dir, Checkpoint(model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp))
+            if not history:  # the first checkpoint: the run directory appears only now, complete
+                save_data(run_dir, table, assignment)
+            save_checkpoint(
+                run_dir,
+                Checkpoint(model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict()),
+            )
         else:
             bad_evals += 1
         history.append({"step": step, "epoch": epoch, **losses})

@@ -42,14 +42,44 @@ def test_batch_built_on_a_side_stream_is_consumed_correctly():
     sums = []
     with torch.cuda.stream(side):
         for batch in batches:
-            X, y = asm.assemble(asm.to_device_indices(batch))
-            # Consumed on the same (side) stream before the next batch overwrites the buffer.
+            device_batch = asm.to_device_indices(batch)
+            # Keep the side stream busy, then poison the buffer on it: a kernel launched on any other
+            # stream would run before the poison lands and the consumer would see NaN.
+            torch.cuda._sleep(50_000_000)
+            asm.buffers.X.fill_(float("nan"))
+            X, y = asm.assemble(device_batch)
             sums.append((X.double().sum(dim=1), y.clone()))
     torch.cuda.synchronize()
     for batch, (row_sums, labels) in zip(batches, sums):
         ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n)
         np.testing.assert_allclose(row_sums.cpu().numpy(), ref.sum(axis=1), rtol=1e-5)
         np.testing.assert_array_equal(labels.cpu().numpy(), ref_labels)
+
+
+def test_training_steps_do_not_synchronise_through_torch():
+    import torch.nn.functional as F
+
+    from gpu_ann.model import CandidateGenerator
+
+    asm, (_, _, users, _, n) = cuda_setup(seed=3)
+    model = CandidateGenerator(n, (64, 64, 64)).cuda()
+    opt = model.configure_optimizer()
+    batches = [asm.to_device_indices(np.random.default_rng(s).integers(0, len(users), 256)) for s in range(5)]
+    ptrs = set()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any torch-side host-device sync now raises
+    try:
+        for device_batch in batches:
+            X, y = asm.assemble(device_batch)
+            ptrs.add(X.data_ptr())
+            loss = F.cross_entropy(model(X), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ptrs == {asm.buffers.X.data_ptr()}  # one buffer, reused: no per-step allocation
+    assert torch.isfinite(loss).item()
 
 
 def test_training_on_cuda_beats_popularity(tmp_path):

@@ -56,11 +56,16 @@ def test_random_cases_match_reference(seed):
 
 
 def test_seen_ness_comes_from_structure_not_values():
-    # A CSR whose stored values would be 0 (a residual of exactly 0) still marks the item as seen:
-    # the kernel never receives values at all, only indptr and indices.
+    # Stored values of exactly 0 (a residual of 0, say) still mark the items as seen: the matrix keeps
+    # the structure of whatever CSR it is given, and the kernel reads nothing but that structure.
     import scipy.sparse as sp
 
-    m = sp.csr_matrix((np.array([0.0, 2.0, 0.0]), (np.array([0, 0, 0]), np.array([1, 3, 4]))), shape=(1, 6))
-    indptr, indices = m.indptr.astype(np.int64), m.indices.astype(np.int32)
-    out, _ = run_cpu(indptr, indices, np.array([0], np.int32), np.array([3], np.int32), np.array([0]), 6)
+    from gpu_ann.backend import get_backend
+    from gpu_ann.matrix import InteractionMatrix
+
+    values = sp.csr_matrix((np.array([0.0, 2.0, 0.0]), np.array([1, 3, 4]), np.array([0, 3])), shape=(1, 6))
+    assert values.nnz == 3
+    m = InteractionMatrix.from_scipy(get_backend("cpu"), values)
+    assert m.nnz == 3
+    out, _ = run_cpu(m.indptr, m.indices, np.array([0], np.int32), np.array([3], np.int32), np.array([0]), 6)
     np.testing.assert_allclose(out[0, :6], [0, 0.5, 0, 0, 0.5, 0])

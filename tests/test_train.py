@@ -78,6 +78,14 @@ def test_checkpoint_round_trip_restores_weights_config_and_id_maps(trained, slic
     _, expected = random_split(slice_table, (0.8, 0.1, 0.1), seed=3)
     np.testing.assert_array_equal(assignment, expected)
     assert json.loads((out / "config.json").read_text())["seed"] == 3
+    # Adam's state comes back and loads into a fresh optimiser of the same model.
+    from gpu_ann.model import CandidateGenerator
+
+    model = CandidateGenerator(slice_table.n_items, (64, 128, 64))
+    model.load_state_dict(ckpt.model_state)
+    optimizer = model.configure_optimizer(2e-3)
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    assert optimizer.state_dict()["state"][0]["step"].item() == ckpt.step
     saved = torch.load(out / "model.pt", weights_only=True)["model_state"]
     for name, tensor in ckpt.model_state.items():
         assert torch.equal(saved[name], tensor)
@@ -118,3 +126,94 @@ def test_recommend_excludes_seen_items_and_returns_raw_ids_and_titles(trained, s
     assert [r.item_id for r in recs] == expected
     with pytest.raises(UnknownId, match="not in the run's data"):
         rec.for_user("no-such-user")
+
+
+def tiny_table(n_users=40, n_items=30, per_user=6, seed=0):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users), per_user).astype(np.int32)
+    items = np.concatenate([rng.choice(n_items, per_user, replace=False) for _ in range(n_users)]).astype(np.int32)
+    return RatingsTable(
+        user=users,
+        item=items,
+        rating=None,
+        timestamp=None,
+        user_ids=np.arange(n_users) + 100,
+        item_ids=np.arange(n_items) + 500,
+        item_titles=None,
+        source="tiny",
+    )
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
+    # lr = 0: the weights never change, so no evaluation after the first improves on it.
+    cfg = TrainConfig(
+        backend="cpu",
+        out=str(tmp_path),
+        batch_size=16,
+        hidden=(4, 4, 4),
+        lr=0.0,
+        eval_every=2,
+        eval_batches=2,
+        patience=3,
+        max_epochs=50,
+    )
+    result = train(cfg, tiny_table())
+    assert [h["step"] for h in result.history] == [2, 4, 6, 8]
+    assert result.steps == 8
+    assert len({h["validation"] for h in result.history}) == 1
+    assert load_checkpoint(tmp_path).step == 2  # the best (first) model, not a later equal one
+
+
+def test_max_steps_and_sampling_with_replacement(tmp_path):
+    cfg = TrainConfig(
+        backend="cpu",
+        out=str(tmp_path),
+        batch_size=16,
+        hidden=(4, 4, 4),
+        eval_every=5,
+        eval_batches=1,
+        max_steps=7,
+        sampling="replacement",
+    )
+    result = train(cfg, tiny_table())
+    assert result.steps == 7 and [h["step"] for h in result.history] == [5, 7]
+
+
+def test_diverging_run_raises_and_leaves_no_run_directory(tmp_path, monkeypatch):
+    import gpu_ann.train as train_module
+
+    monkeypatch.setattr(train_module, "mean_loss", lambda model, batches: float("nan"))
+    cfg = TrainConfig(
+        backend="cpu",
+        out=str(tmp_path / "run"),
+        batch_size=16,
+        hidden=(4, 4, 4),
+        lr=0.5,
+        eval_every=2,
+        eval_batches=1,
+        max_steps=4,
+    )
+    with pytest.raises(train_module.TrainingDiverged, match="validation loss is nan at step 2; try a lower --lr"):
+        train(cfg, tiny_table())
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file_whole(tmp_path, monkeypatch):
+    from gpu_ann import checkpoint as ck
+
+    cfg = TrainConfig(
+        backend="cpu", out=str(tmp_path), batch_size=16, hidden=(4, 4, 4), max_steps=2, eval_every=2, eval_batches=1
+    )
+    train(cfg, tiny_table())
+    before = (tmp_path / "model.pt").read_bytes()
+
+    def crash_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", crash_midway)
+    state = load_checkpoint(tmp_path)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(tmp_path, state)
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "data.npz", "model.pt"]
