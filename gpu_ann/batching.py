@@ -27,6 +27,7 @@ class BatchAssembler:
         max_rows: int,
         buffers: BatchBuffers | None = None,
         allow_no_target: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         backend = matrix.backend
         self.backend = backend
@@ -49,7 +50,7 @@ class BatchAssembler:
         self._users = backend.view_of_tensor(backend.tensor_from_host(samples.user.astype(np.int32)))
         self._items = backend.view_of_tensor(backend.tensor_from_host(samples.item.astype(np.int32)))
         # Assemblers used one after another (training, then evaluation) may share one set of buffers.
-        self.buffers = buffers or BatchBuffers(backend, max_rows, matrix.n_items + 3)
+        self.buffers = buffers or BatchBuffers(backend, max_rows, matrix.n_items + 3, dtype)
         if self.buffers.X.shape[0] < max_rows or self.buffers.X.shape[1] != matrix.n_items + 3:
             raise ValueError(
                 f"shared buffers {tuple(self.buffers.X.shape)} do not fit {max_rows} x {matrix.n_items + 3}"
@@ -91,10 +92,11 @@ class BatchLoader:
         drop_last: bool = False,
         seed: int = 0,
         buffers: BatchBuffers | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        self.assembler = BatchAssembler(matrix, samples, batch_size, buffers)
+        self.assembler = BatchAssembler(matrix, samples, batch_size, buffers, dtype=dtype)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.replacement = replacement

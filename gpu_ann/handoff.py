@@ -16,12 +16,13 @@ class BatchBuffers:
     """``X [max_rows, n_cols]`` and ``y [max_rows]`` on the backend's device, with kernel views of both."""
 
     def __init__(self, backend, max_rows: int, n_cols: int, dtype: torch.dtype = torch.float32) -> None:
-        if dtype != torch.float32:
-            raise ValueError(f"batch dtype {dtype} is not supported yet (float32 only)")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"batch dtype {dtype} is not supported: use torch.float32 or torch.bfloat16")
         self.X = torch.empty((max_rows, n_cols), dtype=dtype, device=backend.torch_device)
         self.y = torch.empty(max_rows, dtype=torch.int64, device=backend.torch_device)
         # Made once: the kernels write through these, torch reads self.X / self.y, same memory.
-        self.X_kernel = backend.view_of_tensor(self.X)
+        # bf16 has no numpy or CuPy dtype: the kernel gets the same bytes as uint16 and writes bf16 bits.
+        self.X_kernel = backend.view_of_tensor(self.X.view(torch.uint16) if dtype == torch.bfloat16 else self.X)
         self.y_kernel = backend.view_of_tensor(self.y)
 
     def views(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,9 @@ where ``n = out.shape[1] - 3`` and ``w`` is the number of the user's training it
 by a stored value. ``t`` is removed when it is in the row (training samples) and nothing is removed
 when it is not (validation and test samples, whose target is not in the training matrix).
 
+``out`` is float32, or uint16 holding bfloat16 bits (a view of a torch bf16 buffer), rounded to nearest
+even exactly as torch converts float32.
+
 Three functions with one argument order (``indptr, indices, sample_users, sample_items, batch, out,
 labels``):
 
@@ -72,17 +75,29 @@ def _build_row_helpers(device_jit):
         return w
 
     @device_jit
+    def store(out, r, c, value):
+        # ``itemsize`` is part of the array's type, so each compiled kernel keeps one branch.
+        if out.itemsize == 2:
+            # bf16 output: torch owns a bfloat16 buffer and hands the kernel a uint16 view (numpy and
+            # CuPy have no bf16). Round to nearest, ties to even, as torch's own conversion does; the
+            # values here are finite, so NaN needs no case.
+            u = np.float32(value).view(np.uint32)
+            out[r, c] = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        else:
+            out[r, c] = value
+
+    @device_jit
     def write_features(out, r, n_items, w):
         # float32 literals throughout: a bare 1.0 would compile to f64 instructions on the GPU.
         f = np.float32(w) / np.float32(n_items)
-        out[r, n_items] = f
-        out[r, n_items + 1] = math.sqrt(f)
-        out[r, n_items + 2] = f * f
+        store(out, r, n_items, f)
+        store(out, r, n_items + 1, math.sqrt(f))
+        store(out, r, n_items + 2, f * f)
 
-    return find_item, remaining_count, write_features
+    return find_item, remaining_count, store, write_features
 
 
-_find_item_cpu, _remaining_count_cpu, _write_features_cpu = _build_row_helpers(njit(inline="always"))
+_find_item_cpu, _remaining_count_cpu, _store_cpu, _write_features_cpu = _build_row_helpers(njit(inline="always"))
 
 
 @njit(parallel=True, cache=True)
@@ -103,7 +118,7 @@ def assemble_rows_cpu(indptr, indices, sample_users, sample_items, batch, out, l
             out[r, c] = 0
         for k in range(start, end):
             if k != pos:
-                out[r, indices[k]] = value
+                _store_cpu(out, r, indices[k], value)
         _write_features_cpu(out, r, n_items, w)
         labels[r] = t
 
@@ -116,7 +131,7 @@ def cuda_kernel():
     global cuda
     from numba import cuda
 
-    find_item, remaining_count, write_features = _build_row_helpers(cuda.jit(device=True))
+    find_item, remaining_count, store, write_features = _build_row_helpers(cuda.jit(device=True))
 
     @cuda.jit
     def assemble_rows_kernel(indptr, indices, sample_users, sample_items, batch, out, labels):
@@ -140,7 +155,7 @@ def cuda_kernel():
             value = np.float32(1) / np.float32(w)
             for k in range(start + tid, end, step):
                 if k != pos:
-                    out[r, indices[k]] = value
+                    store(out, r, indices[k], value)
             if tid == 0:
                 write_features(out, r, n_items, w)
                 labels[r] = t

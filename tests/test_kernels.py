@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from cases import hand_case, random_case
+from cases import csr_case, hand_case, random_case
 from gpu_ann.kernels.assemble import assemble_rows
 from reference import assemble_reference
 
@@ -69,3 +69,76 @@ def test_seen_ness_comes_from_structure_not_values():
     assert m.nnz == 3
     out, _ = run_cpu(m.indptr, m.indices, np.array([0], np.int32), np.array([3], np.int32), np.array([0]), 6)
     np.testing.assert_allclose(out[0, :6], [0, 0.5, 0, 0, 0.5, 0])
+
+
+def test_bf16_output_is_bit_exact_with_torchs_conversion():
+    import torch
+
+    indptr, indices, users, items, n = random_case(40, 301, 0.1, seed=7)
+    # Row lengths up to ~60 give 1/w values that need rounding, and f = w/n features too.
+    batch = np.random.default_rng(7).integers(0, len(users), size=64).astype(np.int64)
+    out32, labels32 = run_cpu(indptr, indices, users, items, batch, n)
+    bf16 = torch.empty((len(batch), n + 3), dtype=torch.bfloat16)
+    labels = np.empty(len(batch), np.int64)
+    assemble_rows(indptr, indices, users, items, batch, bf16.view(torch.uint16).numpy(), labels, target="cpu")
+    expected = torch.from_numpy(out32).to(torch.bfloat16)
+    assert torch.equal(bf16.view(torch.uint16), expected.view(torch.uint16))
+    np.testing.assert_array_equal(labels, labels32)
+    # Not trivially equal: some values really were rounded.
+    assert (expected.float().numpy() != out32).any()
+
+
+def test_bf16_rounding_ties_to_even_against_hand_values():
+    # n = 512 items; w = 257 and 259 give f = w/512 = 0x3F008000 and 0x3F018000 in float32: exact ties
+    # halfway between two bf16 values. Ties go to the even one: 0x3F00 (down) and 0x3F02 (up).
+    # 1/257 = 0x3B7F00FF rounds down to 0x3B7F; 1/259 = 0x3B7D08E5 rounds down to 0x3B7D.
+    n = 512
+    indptr, indices = csr_case([list(range(257)), list(range(259))], n)
+    out = np.empty((2, n + 3), np.uint16)
+    labels = np.empty(2, np.int64)
+    users, targets = np.array([0, 1], np.int32), np.array([n - 1, n - 1], np.int32)  # targets not in the rows
+    assemble_rows(indptr, indices, users, targets, np.array([0, 1]), out, labels)
+    assert np.float32(257 / 512).view(np.uint32) == 0x3F008000
+    assert out[0, n] == 0x3F00 and out[1, n] == 0x3F02
+    assert out[0, 0] == 0x3B7F and out[1, 0] == 0x3B7D
+    assert out[0, 300] == 0 and out[0, 256] == 0x3B7F and out[0, 257] == 0
+
+
+@pytest.mark.slow
+def test_int64_output_offsets_last_row_of_a_batch_past_2_pow_31_elements():
+    # A real large case: 2049 rows x (2**20 - 3 + 3) columns = 2,148,532,224 elements > 2**31, as bf16
+    # bits (4.3 GB). The last row starts at element 2048 * 2**20 = 2**31: with 32-bit offsets it would
+    # land at a negative address or on row 0.
+    n_cols = 2**20
+    n = n_cols - 3
+    rows = 2049
+    assert (rows - 1) * n_cols >= 2**31
+    indptr, indices = csr_case([[5, n - 1], [0, 7, 1000, n - 2]], n)
+    users = np.array([0, 1], np.int32)
+    items = np.array([5, 1000], np.int32)  # both targets in their rows: removed
+    batch = np.zeros(rows, np.int64)
+    batch[-1] = 1
+    out = np.empty((rows, n_cols), np.uint16)
+    labels = np.empty(rows, np.int64)
+    assemble_rows(indptr, indices, users, items, batch, out, labels)
+    last = out[-1]
+    third = np.float32(1 / 3).view(np.uint32)
+    third_bf16 = (third + 0x7FFF + ((third >> 16) & 1)) >> 16
+    assert np.flatnonzero(last[:n]).tolist() == [0, 7, n - 2]
+    assert (last[[0, 7, n - 2]] == third_bf16).all()
+    assert labels[-1] == 1000 and labels[0] == 5
+    assert np.flatnonzero(out[0, :n]).tolist() == [n - 1]  # row 0 untouched by the last row's writes
+    assert np.flatnonzero(out[-2, :n]).tolist() == [n - 1]
+
+
+def test_int64_indptr_rows_past_2_pow_31_stored_entries():
+    # indptr values past 2**31 (nnz >= 2**31) without 8.6 GB of indices: a zero-stride view repeats one
+    # column index, so the row [2**31 + 5, 2**31 + 9) reads four copies of column 6 at offsets an int32
+    # indptr could not hold.
+    big = 2**31 + 5
+    indices = np.lib.stride_tricks.as_strided(np.array([6], np.int32), shape=(big + 10,), strides=(0,))
+    indptr = np.array([0, big, big + 4], np.int64)
+    out, labels = run_cpu(indptr, indices, np.array([1], np.int32), np.array([2], np.int32), np.array([0]), 9)
+    # Four entries remain (the target 2 is not among them), all at column 6: w = 4.
+    np.testing.assert_allclose(out[0, :9], [0, 0, 0, 0, 0, 0, 0.25, 0, 0])
+    np.testing.assert_allclose(out[0, 9:], [4 / 9, np.sqrt(4 / 9), (4 / 9) ** 2], rtol=1e-6)

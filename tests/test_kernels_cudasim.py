@@ -53,3 +53,15 @@ def test_random_case_matches_reference():
     ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=0)
     np.testing.assert_array_equal(labels, ref_labels)
+
+
+def test_bf16_output_matches_the_cpu_twin_bit_for_bit():
+    indptr, indices, users, items, n = random_case(10, 37, 0.3, seed=9)
+    batch = np.random.default_rng(9).integers(0, len(users), size=8).astype(np.int64)
+    sim = np.zeros((8, n + 3), np.uint16)
+    cpu = np.zeros((8, n + 3), np.uint16)
+    labels = np.zeros(8, np.int64)
+    assemble.assemble_rows(indptr, indices, users, items, batch, sim, labels, target="cuda")
+    assemble.assemble_rows(indptr, indices, users, items, batch, cpu, labels, target="cpu")
+    np.testing.assert_array_equal(sim, cpu)
+    assert (sim != 0).any()

@@ -27,17 +27,19 @@ def driverless(monkeypatch):
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Sm90())
 
 
-def test_assemble_kernel_compiles_to_sm90_ptx_without_float64(driverless):
+@pytest.mark.parametrize("out_dtype", ["float32", "uint16"])
+def test_assemble_kernel_compiles_to_sm90_ptx_without_float64(driverless, out_dtype):
     from gpu_ann.kernels.assemble import cuda_kernel
     from numba import cuda, types
 
+    out_type = getattr(types, out_dtype)  # uint16 = bf16 bits
     sig = (
         types.int64[::1],
         types.int32[::1],
         types.int32[::1],
         types.int32[::1],
         types.int64[::1],
-        types.float32[:, ::1],
+        out_type[:, ::1],
         types.int64[::1],
     )
     ptx, _ = cuda.compile_ptx(cuda_kernel().py_func, sig, cc=(9, 0))
