@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 from cases import csr_case, hand_case, random_case
-from gpu_ann.kernels.assemble import assemble_rows
 from reference import assemble_reference
+
+from gpu_ann.kernels.assemble import assemble_rows
 
 
 def run_cpu(indptr, indices, users, items, batch, n_items, buffer_rows=None):

@@ -4,11 +4,12 @@ Inputs stay tiny: each simulated thread is a Python thread. The block is shrunk 
 grid to 3 blocks so rows span several column strides and the grid-stride loop over rows is taken.
 """
 
-import gpu_ann.kernels.assemble as assemble
 import numpy as np
 import pytest
 from cases import hand_case, random_case
 from reference import assemble_reference
+
+import gpu_ann.kernels.assemble as assemble
 
 pytestmark = pytest.mark.cudasim
 

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 from cases import hand_case
-from gpu_ann.kernels.assemble import assemble_rows
 
+from gpu_ann.kernels.assemble import assemble_rows
 from gpu_ann.model import CandidateGenerator
 
 

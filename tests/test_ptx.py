@@ -29,8 +29,9 @@ def driverless(monkeypatch):
 
 @pytest.mark.parametrize("out_dtype", ["float32", "uint16"])
 def test_assemble_kernel_compiles_to_sm90_ptx_without_float64(driverless, out_dtype):
-    from gpu_ann.kernels.assemble import cuda_kernel
     from numba import cuda, types
+
+    from gpu_ann.kernels.assemble import cuda_kernel
 
     out_type = getattr(types, out_dtype)  # uint16 = bf16 bits
     sig = (
