@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The one-call GPU check: on a machine with one NVIDIA GPU, torch, cupy, numba and numba-cuda already
-# installed and no network. Installs gpu-ann in place, runs the gpu-marked tests, then a short training
-# run on the bundled anime data with --backend cuda. Logs and a summary go to $OUT (default ./gpu-check-out);
-# the summary is printed last.
+# The one-call GPU check (about 5 minutes expected, at most 10.5 by its timeouts). On a machine with one NVIDIA GPU that already has
+# torch, cupy, numba and numba-cuda, and no network:
+#   1. installs gpu-ann in place (no dependencies, no build isolation);
+#   2. runs the gpu-marked tests;
+#   3. runs compute-sanitizer memcheck on a kernel workload (skipped, and said so, where it is missing);
+#   4. trains one epoch on the bundled anime data with --backend cuda;
+#   5. runs the benchmarks at sizes that fill the chip (MyAnimeList-2020 scale, a 100k catalogue);
+# and writes logs, results.json and results.md under $OUT (default ./gpu-check-out), printing the
+# summary and the results table last. Each stage runs even if an earlier one failed.
 #
-#   bash bench/gpu_check.sh            # from the repository root
+#   bash bench/gpu_check.sh            # from anywhere; it works in the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -13,23 +18,50 @@ export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
+status=0
 
-note "gpu-ann GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+note "gpu-ann GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/device: /' | tee -a "$summary"
-python3 -c "import torch, numba, cupy; print('torch', torch.__version__, '| numba', numba.__version__, '| cupy', cupy.__version__)" 2>&1 | tee -a "$summary"
+python3 -c "import sys, torch, numba, cupy, numba_cuda; print('python', sys.version.split()[0], '| torch', torch.__version__, '| numba', numba.__version__, '| numba-cuda', numba_cuda.__version__, '| cupy', cupy.__version__)" 2>&1 | tee -a "$summary"
 
-pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { note "install FAILED (see install.log)"; cat "$OUT/install.log"; exit 1; }
+if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+  note "install FAILED:"; tail -n 20 "$OUT/install.log"; exit 1
+fi
 
-python3 -m pytest -m gpu -v -p no:cacheprovider >"$OUT/gpu-tests.log" 2>&1
-tests_rc=$?
-note "gpu tests: $(tail -n 1 "$OUT/gpu-tests.log") (exit $tests_rc)"
+timeout 120 python3 -m pytest -m gpu -v -p no:cacheprovider >"$OUT/gpu-tests.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || status=1
+note "gpu tests (exit $rc): $(tail -n 1 "$OUT/gpu-tests.log")"
+grep -E "(PASSED|FAILED|ERROR|SKIPPED)" "$OUT/gpu-tests.log" | sed 's/^/  /' | tee -a "$summary"
+if grep -q SKIPPED "$OUT/gpu-tests.log"; then
+  status=1; note "  gpu tests were SKIPPED on a GPU machine: the cuda backend is not usable here (reason above)"
+fi
 
-timeout 300 python3 -m gpu_ann train --backend cuda --out "$OUT/run" --max-epochs 1 >"$OUT/train.log" 2>&1
-train_rc=$?
-note "train --backend cuda, 1 epoch on the bundled anime data (exit $train_rc):"
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+if [ -n "$sanitizer" ]; then
+  timeout 120 "$sanitizer" --tool memcheck --leak-check no --error-exitcode 9 python3 bench/sanitizer_workload.py >"$OUT/memcheck.log" 2>&1
+  rc=$?; [ $rc -eq 0 ] || status=1
+  note "compute-sanitizer memcheck (exit $rc): $(grep -E 'ERROR SUMMARY|sanitizer workload' "$OUT/memcheck.log" | tr '\n' ' ')"
+else
+  note "compute-sanitizer memcheck: SKIPPED (compute-sanitizer not found on this machine)"
+fi
+
+timeout 90 python3 -m gpu_ann train --backend cuda --out "$OUT/run" --max-epochs 1 >"$OUT/train.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || status=1
+note "train --backend cuda, 1 epoch, bundled anime data (exit $rc):"
 grep -E "^(done in|validation loss|popularity)" "$OUT/train.log" | sed 's/^/  /' | tee -a "$summary"
+[ $rc -eq 0 ] || tail -n 3 "$OUT/train.log" | sed 's/^/  /' | tee -a "$summary"
+
+timeout 300 python3 -m pytest bench/test_assembly.py bench/test_train_step.py -q -p no:cacheprovider \
+  --backend cuda --scale mal2020 --batch-sizes 256,1024,4096,8192 \
+  --train-items 17500,100000 --train-batch-sizes 1024,4096 \
+  --benchmark-json "$OUT/benchmark.json" --results "$OUT" >"$OUT/bench.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || status=1
+note "benchmarks (exit $rc): $(tail -n 1 "$OUT/bench.log")"
 
 echo
 echo "==== summary ($OUT/summary.txt) ===="
 cat "$summary"
-[ "$tests_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]
+echo
+echo "==== results ($OUT/results.md) ===="
+cat "$OUT/results.md" 2>/dev/null || { echo "(no results table: see bench.log)"; tail -n 30 "$OUT/bench.log"; }
+exit $status

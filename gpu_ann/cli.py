@@ -39,6 +39,24 @@ def _positive(text: str) -> int:
     return value
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows a flag's default when it has a real one, written as the flag takes it (0.8,0.1,0.1)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or not action.option_strings
+            or "default" in text
+        ):
+            return text
+        shown = ",".join(str(v) for v in default) if isinstance(default, tuple | list) else default
+        return f"{text} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu-ann",
@@ -52,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train on a ratings file (default: the bundled anime ratings)",
         description="Train the candidate generator; the best model is saved in --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     d = t.add_argument_group("data")
     d.add_argument(
@@ -112,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recommend",
         help="top items for a user of a trained run",
         description="Print the top-K items a user has not rated, with titles.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     rec.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
     rec.add_argument("--user", required=True, metavar="ID", help="raw user id, as in the ratings file")
@@ -129,13 +147,16 @@ def _train(args: argparse.Namespace) -> int:
     print(f"gpu-ann train: data={cfg.data or 'bundled anime ratings'} backend={cfg.backend} out={cfg.out}")
     result = train(cfg)
     verdict = "below" if result.final_validation_loss < result.popularity_validation_loss else "NOT below"
+    steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
     print(
-        f"done in {result.seconds:.0f} s, {result.steps} steps, "
+        f"done in {result.seconds:.0f} s, {steps}, "
         f"{result.samples_per_second:,.0f} training samples/s (evaluation and start-up included)\n"
-        f"validation loss (best model, whole split): {result.final_validation_loss:.4f}\n"
+        f"validation loss (best model, whole split): {result.final_validation_loss:.4f}  "
+        f"(the log lines average {cfg.eval_batches} fixed batches)\n"
         f"popularity baseline loss (same split):     {result.popularity_validation_loss:.4f}  ({verdict}; "
         f"training counts, add-one smoothed)\n"
-        f"checkpoint: {result.run_dir}  (try: gpu-ann recommend --checkpoint {result.run_dir} --user 1)"
+        f"checkpoint: {result.run_dir}  "
+        f"(try: gpu-ann recommend --checkpoint {result.run_dir} --user {result.example_user})"
     )
     return 0
 

@@ -71,6 +71,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     samples_per_second: float = 0.0  # training samples over the whole run's time, evaluation included
+    example_user: str = ""  # a raw user id of the data, for the hint printed at the end
 
 
 def load_table(cfg: TrainConfig) -> RatingsTable:
@@ -179,5 +180,13 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
     full_val = FixedBatches(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers)
     final = mean_loss(model, full_val)
     return TrainResult(
-        run_dir, step, best, final, popularity, history, seconds, step * cfg.batch_size / seconds if seconds else 0.0
+        run_dir=run_dir,
+        steps=step,
+        best_validation_loss=best,
+        final_validation_loss=final,
+        popularity_validation_loss=popularity,
+        history=history,
+        seconds=seconds,
+        samples_per_second=step * cfg.batch_size / seconds if seconds else 0.0,
+        example_user=str(table.user_ids[0]),
     )

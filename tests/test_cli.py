@@ -73,6 +73,7 @@ def test_train_then_recommend_from_the_command_line(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "validation loss (best model, whole split)" in printed and "popularity baseline loss" in printed
+    assert "6 steps" in printed and "--user u0)" in printed  # the hint names a user that exists
     assert (out / "model.pt").is_file() and (out / "data.npz").is_file() and (out / "config.json").is_file()
     assert main(["recommend", "--checkpoint", str(out), "--user", "u3", "-k", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -109,3 +110,11 @@ def test_recommend_for_an_unknown_run_directory(tmp_path, capsys):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "gpu_ann", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("gpu-ann ")
+
+
+def test_help_shows_real_defaults_the_way_flags_take_them(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.8,0.1,0.1)" in text and "(default: 256,512,256)" in text
+    assert "default: None" not in text and "default: True" not in text and "default: False" not in text
