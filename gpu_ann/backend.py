@@ -76,11 +76,13 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self) -> None:
+    def __init__(self, device: int | None = None) -> None:
         import cupy
         import cupyx.scipy.sparse
         from numba import cuda
 
+        if device is not None:
+            torch.cuda.set_device(device)
         self.xp = cupy
         self.sparse = cupyx.scipy.sparse
         self._cuda = cuda
@@ -164,15 +166,29 @@ def cuda_unusable_reason() -> str | None:
     return None
 
 
-def get_backend(name: str = "auto") -> CpuBackend | CudaBackend:
-    """The backend for ``name``: ``"cpu"``, ``"cuda"``, or ``"auto"`` (cuda when usable, else cpu)."""
+def get_backend(name: str = "auto", device: int | None = None) -> CpuBackend | CudaBackend:
+    """The backend for ``name``.
+
+    Parameters
+    ----------
+    name : {"auto", "cpu", "cuda"}
+        ``"auto"`` is cuda when a usable GPU is found, else cpu (with a warning when a GPU is present
+        but cannot be used).
+    device : int, optional
+        CUDA device index (default: torch's current device); ignored by the cpu backend.
+
+    Raises
+    ------
+    BackendUnavailable
+        ``"cuda"`` was asked for where it cannot run; the message says why.
+    """
     if name == "cpu":
         return CpuBackend()
     if name not in ("auto", "cuda"):
         raise ValueError(f"unknown backend {name!r}: expected 'auto', 'cpu' or 'cuda'")
     reason = cuda_unusable_reason()
     if reason is None:
-        return CudaBackend()
+        return CudaBackend(device)
     if name == "cuda":
         raise BackendUnavailable(f"--backend cuda was asked for but cannot run: {reason}")
     if "unusable" in reason or torch.cuda.is_available():

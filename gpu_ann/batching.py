@@ -1,4 +1,4 @@
-"""Sampling training examples and assembling them into dense batches on the backend."""
+"""Assembling samples into dense batches on the backend (the loader in ``gpu_ann.loader`` drives it)."""
 
 from __future__ import annotations
 
@@ -72,59 +72,6 @@ class BatchAssembler:
             self._indptr, self._indices, self._users, self._items, device_indices, b.X_kernel, b.y_kernel
         )
         return b.views(n)
-
-
-class BatchLoader:
-    """Epochs of training batches: shuffled without replacement (default) or drawn with replacement.
-
-    The order of each epoch is drawn on the host with numpy's PCG64 (the same on every backend) and
-    copied to the device once per epoch; each batch is then a slice of it on the device.
-    """
-
-    def __init__(
-        self,
-        matrix: InteractionMatrix,
-        samples: Samples,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        replacement: bool = False,
-        drop_last: bool = False,
-        seed: int = 0,
-        buffers: BatchBuffers | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        self.assembler = BatchAssembler(matrix, samples, batch_size, buffers, dtype=dtype)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.replacement = replacement
-        self.drop_last = drop_last
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        n, b = self.assembler.n_samples, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        n = self.assembler.n_samples
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.replacement:
-            return rng.integers(0, n, size=n, dtype=np.int64)
-        if self.shuffle:
-            return rng.permutation(n).astype(np.int64)
-        return np.arange(n, dtype=np.int64)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.assembler.to_device_indices(self.epoch_order(self.epoch))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.assembler.assemble(order[start : start + self.batch_size])
-        self.epoch += 1
 
 
 class FixedBatches:

@@ -85,6 +85,20 @@ class InteractionMatrix:
         indices = backend.from_host(matrix.indices.astype(np.int32))
         return cls(backend, indptr, indices, n_users, n_items)
 
+    @classmethod
+    def from_csr(cls, backend, csr: Any):
+        """From a scipy CSR, or a cupyx CSR already on the device (validated through a host copy)."""
+        if isinstance(csr, sp.spmatrix | sp.sparray):
+            return cls.from_scipy(backend, csr)
+        if backend.name != "cuda" or not hasattr(csr, "get"):
+            raise TypeError(f"expected a scipy CSR matrix, or a cupyx one on the cuda backend; got {type(csr)}")
+        csr = csr.tocsr()
+        n_users, n_items = csr.shape
+        # Device -> host copies of the structure (syncs), once: the kernels must never see a bad index.
+        validate_csr(csr.indptr.get(), csr.indices.get(), n_users, n_items)
+        xp = backend.xp
+        return cls(backend, csr.indptr.astype(xp.int64), csr.indices.astype(xp.int32), n_users, n_items)
+
     @property
     def nnz(self) -> int:
         return int(self.indices.shape[0])

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gpu_ann.backend import get_backend
-from gpu_ann.batching import BatchLoader, FixedBatches
+from gpu_ann.batching import FixedBatches
 from gpu_ann.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint, save_data
 from gpu_ann.data.readers import load_bundled_anime, read_ratings
 from gpu_ann.data.table import RatingsTable
+from gpu_ann.loader import BatchLoader
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.metrics import mean_loss, popularity_loss
 from gpu_ann.model import CandidateGenerator

@@ -5,7 +5,8 @@ import torch
 from reference import assemble_reference
 
 from gpu_ann.backend import get_backend
-from gpu_ann.batching import BatchAssembler, BatchLoader
+from gpu_ann.batching import BatchAssembler
+from gpu_ann.loader import BatchLoader
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.splits import Samples
 

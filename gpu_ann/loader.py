@@ -1,0 +1,238 @@
+"""The public batch loader: device-built ``(X, y)`` batches for anyone's torch training loop."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate_fn_map
+
+from gpu_ann.backend import get_backend
+from gpu_ann.batching import BatchAssembler
+from gpu_ann.data.table import RatingsTable
+from gpu_ann.handoff import BatchBuffers
+from gpu_ann.matrix import InteractionMatrix
+from gpu_ann.splits import SPLIT_NAMES, Samples, random_split
+
+
+class Batch:
+    """One batch: ``X [B, n_items + 3]`` inputs and ``y [B]`` item labels; unpacks as ``X, y``.
+
+    Both are views of the loader's reused buffers: the next batch overwrites them.
+    """
+
+    __slots__ = ("X", "y")
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X = X
+        self.y = y
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield self.X
+        yield self.y
+
+    def __repr__(self) -> str:
+        return f"Batch(X={tuple(self.X.shape)} {self.X.dtype} on {self.X.device}, y={tuple(self.y.shape)})"
+
+
+def _refuse_collation(batch, *, collate_fn_map=None):
+    raise TypeError(
+        "gpu_ann BatchLoader yields whole batches that share one buffer; collating several would stack "
+        "copies of the last one. Use DataLoader(loader, batch_size=None)."
+    )
+
+
+# torch's default collate looks types up here: a DataLoader with a batch_size would otherwise stack
+# several of our batches, which are views of the same buffer, into a silently wrong batch.
+default_collate_fn_map[Batch] = _refuse_collation
+
+
+class BatchLoader(IterableDataset):
+    """Epochs of training batches built on the backend's device, with no copies and no per-step allocation.
+
+    Parameters
+    ----------
+    matrix : InteractionMatrix
+        The users x items matrix whose rows are the inputs (the training split).
+    samples : Samples
+        The (user, item) pairs to iterate: each is one example, its item the label and removed from the input.
+    batch_size : int
+        Rows per batch; the buffers are allocated once at this size.
+    shuffle : bool
+        Shuffle each epoch (without replacement). ``False`` keeps sample order.
+    replacement : bool
+        Draw each epoch's samples with replacement instead (the original notebook's sampling).
+    drop_last : bool
+        Drop the last, smaller batch of an epoch.
+    seed : int
+        Seed of the epoch orders: epoch ``e`` uses ``numpy.random.default_rng([seed, e])`` on every backend.
+    dtype : torch.dtype
+        ``torch.float32`` or ``torch.bfloat16`` inputs.
+
+    Notes
+    -----
+    Iterating yields :class:`Batch` objects that unpack as ``X, y``; both are views of the loader's
+    buffers and are overwritten by the next batch, so finish a step (forward and backward) before
+    asking for the next one. Iteration runs epoch ``self.epoch`` and then advances it; call
+    :meth:`set_epoch` to choose one (as with ``DistributedSampler``). Use it directly or as
+    ``DataLoader(loader, batch_size=None)`` with ``num_workers=0``; the batches are built on the device
+    by the loader itself, so worker processes have nothing to do. The loader is a context manager:
+    :meth:`close` releases its device memory.
+    """
+
+    def __init__(
+        self,
+        matrix: InteractionMatrix,
+        samples: Samples,
+        batch_size: int = 1024,
+        *,
+        shuffle: bool = True,
+        replacement: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        buffers: BatchBuffers | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.matrix = matrix
+        self.assembler: BatchAssembler | None = BatchAssembler(matrix, samples, batch_size, buffers, dtype=dtype)
+        self.batch_size = batch_size
+        self.n_samples = len(samples)
+        self.shuffle = shuffle
+        self.replacement = replacement
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    @classmethod
+    def from_csr(
+        cls,
+        csr: Any,
+        users: np.ndarray,
+        items: np.ndarray,
+        batch_size: int = 1024,
+        *,
+        backend: str = "auto",
+        device: int | None = None,
+        **options: Any,
+    ) -> BatchLoader:
+        """A loader over an existing CSR matrix (scipy, or cupyx on the cuda backend) and sample arrays.
+
+        ``users[k], items[k]`` is sample ``k``; the CSR is validated before use. ``options`` are those of
+        the constructor (``shuffle``, ``seed``, ``dtype``, ...).
+        """
+        matrix = InteractionMatrix.from_csr(get_backend(backend, device=device), csr)
+        return cls(matrix, Samples(np.asarray(users, np.int32), np.asarray(items, np.int32)), batch_size, **options)
+
+    @classmethod
+    def from_ratings(
+        cls,
+        table: RatingsTable,
+        batch_size: int = 1024,
+        *,
+        split: str = "train",
+        fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        backend: str = "auto",
+        device: int | None = None,
+        **options: Any,
+    ) -> BatchLoader:
+        """A loader over one split of a ratings table, with the training split as the input matrix.
+
+        The split is the toolkit's seeded random split (``options["seed"]``, default 0, seeds it too).
+        """
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {split!r}: expected one of {SPLIT_NAMES}")
+        splits, _ = random_split(table, fractions, options.get("seed", 0))
+        train = splits.train
+        matrix = InteractionMatrix.from_pairs(
+            get_backend(backend, device=device), train.user, train.item, table.n_users, table.n_items
+        )
+        return cls(matrix, splits[split], batch_size, **options)
+
+    @property
+    def n_items(self) -> int:
+        """Items in the catalogue: the number of classes of ``y``."""
+        return self.matrix.n_items
+
+    @property
+    def n_features(self) -> int:
+        """Width of ``X``: one column per item plus the three count features."""
+        return self.matrix.n_items + 3
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.backend.torch_device
+
+    @property
+    def buffers(self) -> BatchBuffers:
+        return self._live().buffers
+
+    def __len__(self) -> int:
+        n, b = self.n_samples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch the next iteration runs (its order is seeded by ``[seed, epoch]``)."""
+        self.epoch = epoch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The sample indices of one epoch, in order, on the host."""
+        n = self.n_samples
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.replacement:
+            return rng.integers(0, n, size=n, dtype=np.int64)
+        if self.shuffle:
+            return rng.permutation(n).astype(np.int64)
+        return np.arange(n, dtype=np.int64)
+
+    def _live(self) -> BatchAssembler:
+        if self.assembler is None:
+            raise RuntimeError("this BatchLoader is closed")
+        return self.assembler
+
+    def __iter__(self) -> Iterator[Batch]:
+        assembler = self._live()
+        if get_worker_info() is not None:
+            raise RuntimeError("gpu_ann BatchLoader builds batches on the device itself: use num_workers=0")
+        order = assembler.to_device_indices(self.epoch_order(self.epoch))  # one host-device copy per epoch
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield Batch(*assembler.assemble(order[start : start + self.batch_size]))
+        self.epoch += 1
+
+    def close(self) -> None:
+        """Drop the buffers and device arrays; on the GPU hand cached blocks back to the driver."""
+        if self.assembler is None:
+            return
+        self.assembler = None
+        self.matrix = _Released(self.matrix)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            try:
+                import cupy
+
+                cupy.get_default_memory_pool().free_all_blocks()
+            except Exception as exc:  # the loader is closed either way
+                warnings.warn(f"could not release CuPy's cached blocks: {exc}", stacklevel=2)
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.assembler is None else f"{len(self)} batches/epoch"
+        return f"BatchLoader({self.n_samples} samples, batch_size={self.batch_size}, {state})"
+
+
+class _Released:
+    """What a closed loader keeps of its matrix: the sizes, not the arrays."""
+
+    def __init__(self, matrix: InteractionMatrix) -> None:
+        self.n_users, self.n_items, self.backend = matrix.n_users, matrix.n_items, matrix.backend
