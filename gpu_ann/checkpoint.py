@@ -8,7 +8,6 @@ never unpickles arbitrary objects: ``np.load(allow_pickle=False)`` and ``torch.l
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpu_ann.config import to_toml
 from gpu_ann.data.table import RatingsTable, ReadSummary
 
 FORMAT_VERSION = 1
 DATA_FILE = "data.npz"
 MODEL_FILE = "model.pt"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "config.toml"  # the effective config, readable by --config
 
 
 class CheckpointError(RuntimeError):
@@ -131,7 +131,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
         "optimizer_state": _to_cpu(ckpt.optimizer_state),
     }
     _atomic_write(Path(run_dir) / MODEL_FILE, lambda f: torch.save(payload, f))
-    text = json.dumps(ckpt.config, indent=2, sort_keys=True) + "\n"
+    text = to_toml(ckpt.config, "train")
     _atomic_write(Path(run_dir) / CONFIG_FILE, lambda f: f.write(text), mode="w")
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from gpu_ann import __version__
-from gpu_ann.train import TrainConfig
+from gpu_ann.training import TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the candidate generator; the best model is saved in --out.",
         formatter_class=_DefaultsFormatter,
     )
+    t.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
     d = t.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -124,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.backend,
         help="auto = cuda when a usable GPU is found, else cpu",
     )
-    r.add_argument("--out", default=DEFAULTS.out, help="run directory for data.npz, model.pt and config.json")
+    r.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
+    r.add_argument(
+        "--out",
+        default=DEFAULTS.out,
+        help="run directory: data.npz, model.pt, config.toml, metrics.jsonl, curves.png",
+    )
 
     rec = sub.add_parser(
         "recommend",
@@ -132,19 +138,49 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top-K items a user has not rated, with titles.",
         formatter_class=_DefaultsFormatter,
     )
+    rec.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
     rec.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
     rec.add_argument("--user", required=True, metavar="ID", help="raw user id, as in the ratings file")
     rec.add_argument("-k", type=_positive, default=10, help="how many items")
     rec.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu", help="where to score")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="loss of a trained run on one of its splits, next to the popularity baseline",
+        description="Mean cross-entropy of the run's best model on a whole split, and of training popularity.",
+        formatter_class=_DefaultsFormatter,
+    )
+    ev.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
+    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
+    ev.add_argument("--split", choices=("train", "validation", "test"), default="validation", help="which split")
+    ev.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
+    ev.add_argument("--batch-size", type=_positive, default=1024, help="rows per evaluation batch")
+
+    info = sub.add_parser(
+        "info",
+        help="the environment: versions, usable backends and why not, the device",
+        description="Print Python, torch, numba, numba-cuda and cupy versions, which backends can run and why "
+        "not, and the GPU with its memory and CUDA versions.",
+        formatter_class=_DefaultsFormatter,
+    )
+    info.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.commands = {"train": t, "recommend": rec, "evaluate": ev, "info": info}  # for --config
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from gpu_ann.train import train
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    fields = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    print(f"gpu-ann train: data={cfg.data or 'bundled anime ratings'} backend={cfg.backend} out={cfg.out}")
+
+def _train(args: argparse.Namespace) -> int:
+    from gpu_ann.config import to_toml
+    from gpu_ann.training import train
+
+    cfg = _train_config(args)
+    print("gpu-ann train, effective config (saved as config.toml in the run directory):")
+    print(to_toml(cfg.to_dict(), "train"), end="")
     result = train(cfg)
     verdict = "below" if result.final_validation_loss < result.popularity_validation_loss else "NOT below"
     steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
@@ -173,21 +209,66 @@ def _recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from gpu_ann.evaluate import evaluate_run
+
+    r = evaluate_run(args.checkpoint, args.split, args.backend, args.batch_size)
+    print(f"{r['split']} split, {r['samples']:,} samples")
+    print(f"  model loss       {r['loss']:.4f}")
+    print(f"  popularity loss  {r['popularity_loss']:.4f}  (training counts, add-one smoothed)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from gpu_ann.info import environment_report, format_report
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse flags, with a command's ``--config FILE`` values placed before its own flags (flags win)."""
+    from gpu_ann.config import config_to_argv, read_toml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # A first look for the command and its --config, before required flags are checked: the file may
+    # be what provides them.
+    command = next((a for a in argv if a in parser.commands), None)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    config = pre.parse_known_args(argv)[0].config
+    if command and config:
+        tokens = config_to_argv(read_toml(config, command), parser.commands[command], config)
+        at = argv.index(command) + 1
+        argv = argv[:at] + tokens + argv[at:]
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from gpu_ann.backend import BackendUnavailable
     from gpu_ann.checkpoint import CheckpointError
+    from gpu_ann.config import ConfigError
     from gpu_ann.data.table import DataError
     from gpu_ann.recommend import UnknownId
-    from gpu_ann.train import TrainingDiverged
+    from gpu_ann.training import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ConfigError as exc:
+        print(f"gpu-ann: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        return {"train": _train, "recommend": _recommend}[args.command](args)
+        commands = {"train": _train, "recommend": _recommend, "evaluate": _evaluate, "info": _info}
+        return commands[args.command](args)
     except (DataError, CheckpointError, BackendUnavailable, UnknownId, TrainingDiverged) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
         print(f"gpu-ann {args.command}: error: {message}", file=sys.stderr)

@@ -74,7 +74,7 @@ def test_train_then_recommend_from_the_command_line(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "validation loss (best model, whole split)" in printed and "popularity baseline loss" in printed
     assert "6 steps" in printed and "--user u0)" in printed  # the hint names a user that exists
-    assert (out / "model.pt").is_file() and (out / "data.npz").is_file() and (out / "config.json").is_file()
+    assert (out / "model.pt").is_file() and (out / "data.npz").is_file() and (out / "config.toml").is_file()
     assert main(["recommend", "--checkpoint", str(out), "--user", "u3", "-k", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("top 4 for user u3")
@@ -118,3 +118,65 @@ def test_help_shows_real_defaults_the_way_flags_take_them(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.8,0.1,0.1)" in text and "(default: 256,512,256)" in text
     assert "default: None" not in text and "default: True" not in text and "default: False" not in text
+
+
+def test_info_reports_this_machine(capsys):
+    import json
+
+    import torch
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert torch.__version__ in text and "backend cpu" in text
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["packages"]["torch"] == torch.__version__
+    assert report["backends"]["cpu"]["usable"] is True
+
+
+def test_evaluate_scores_a_split_against_popularity(tmp_path, capsys):
+    data = tmp_path / "ratings.csv"
+    write_ratings(data)
+    out = tmp_path / "run"
+    main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--backend",
+            "cpu",
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+            "--hidden",
+            "8,8,8",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "2",
+        ]
+    )
+    capsys.readouterr()
+    from gpu_ann.evaluate import evaluate_run
+
+    direct = evaluate_run(out, "test", backend="cpu")
+    assert main(["evaluate", "--checkpoint", str(out), "--split", "test", "--backend", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert f"test split, {direct['samples']:,} samples" in text
+    assert f"model loss       {direct['loss']:.4f}" in text
+    assert f"popularity loss  {direct['popularity_loss']:.4f}" in text
+    # 60 users x 8 items, 10% test; the popularity loss is the smoothed cross-entropy by hand.
+    import numpy as np
+
+    from gpu_ann.checkpoint import load_data
+    from gpu_ann.splits import splits_from_assignment
+
+    table, assignment = load_data(out)
+    splits = splits_from_assignment(table, assignment)
+    counts = np.bincount(splits.train.item, minlength=table.n_items) + 1.0
+    expected = -np.log(counts[splits.test.item] / counts.sum()).mean()
+    assert direct["popularity_loss"] == pytest.approx(expected)
+    assert direct["samples"] == len(splits.test) == 48

@@ -86,7 +86,7 @@ def test_training_on_cuda_beats_popularity(tmp_path):
     from test_train import real_slice
 
     from gpu_ann.data.readers import load_bundled_anime
-    from gpu_ann.train import TrainConfig, train
+    from gpu_ann.training import TrainConfig, train
 
     table = real_slice(load_bundled_anime(), 2000, 500)
     cfg = TrainConfig(

@@ -18,3 +18,17 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert "NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim" in tests
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci_lines
+
+
+def test_readme_example_trains_a_user_defined_model_with_the_loader():
+    import subprocess
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- example: own-model -->", 1)[1]
+    code = re.search(r"```python\n(.+?)\n```", block, re.S).group(1)
+    assert len(code.splitlines()) < 30
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("epoch")]
+    assert len(losses) == 2 and all(0 < loss < 9.0 for loss in losses)  # ln(7157) = 8.88: it learned a little

@@ -1,7 +1,5 @@
 """Training end to end on a small real slice, checkpoints, and recommendations."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +8,7 @@ from gpu_ann.checkpoint import CheckpointError, load_checkpoint, load_data
 from gpu_ann.data.readers import load_bundled_anime
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.recommend import Recommender, UnknownId
-from gpu_ann.train import TrainConfig, train
+from gpu_ann.training import TrainConfig, train
 
 
 def real_slice(table: RatingsTable, n_users: int, n_items: int) -> RatingsTable:
@@ -59,7 +57,7 @@ def test_short_run_beats_the_popularity_baseline(trained):
     assert np.isfinite(result.popularity_validation_loss)
     # Better than predicting every held-out item from training popularity, on the whole validation split.
     assert result.final_validation_loss < result.popularity_validation_loss - 0.1, result
-    losses = [h["validation"] for h in result.history]
+    losses = [h["validation_loss"] for h in result.history]
     assert min(losses) < losses[0]
 
 
@@ -67,7 +65,7 @@ def test_checkpoint_round_trip_restores_weights_config_and_id_maps(trained, slic
     result, out = trained
     ckpt = load_checkpoint(out, slice_table)
     assert list(ckpt.config["hidden"]) == [64, 128, 64] and ckpt.config["lr"] == 2e-3
-    assert ckpt.best_validation_loss == pytest.approx(min(h["validation"] for h in result.history))
+    assert ckpt.best_validation_loss == pytest.approx(min(h["validation_loss"] for h in result.history))
     table, assignment = load_data(out)
     np.testing.assert_array_equal(table.item_ids, slice_table.item_ids)
     np.testing.assert_array_equal(table.user_ids, slice_table.user_ids)
@@ -77,7 +75,9 @@ def test_checkpoint_round_trip_restores_weights_config_and_id_maps(trained, slic
 
     _, expected = random_split(slice_table, (0.8, 0.1, 0.1), seed=3)
     np.testing.assert_array_equal(assignment, expected)
-    assert json.loads((out / "config.json").read_text())["seed"] == 3
+    from gpu_ann.config import read_toml
+
+    assert read_toml(out / "config.toml", "train")["seed"] == 3
     # Adam's state comes back and loads into a fresh optimiser of the same model.
     from gpu_ann.model import CandidateGenerator
 
@@ -160,7 +160,7 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path)
     result = train(cfg, tiny_table())
     assert [h["step"] for h in result.history] == [2, 4, 6, 8]
     assert result.steps == 8
-    assert len({h["validation"] for h in result.history}) == 1
+    assert len({h["validation_loss"] for h in result.history}) == 1
     assert load_checkpoint(tmp_path).step == 2  # the best (first) model, not a later equal one
 
 
@@ -180,7 +180,7 @@ def test_max_steps_and_sampling_with_replacement(tmp_path):
 
 
 def test_diverging_run_raises_and_leaves_no_run_directory(tmp_path, monkeypatch):
-    import gpu_ann.train as train_module
+    import gpu_ann.training as train_module
 
     monkeypatch.setattr(train_module, "mean_loss", lambda model, batches: float("nan"))
     cfg = TrainConfig(
@@ -216,4 +216,34 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file_whole(tmp_path, monke
     with pytest.raises(OSError, match="disk full"):
         ck.save_checkpoint(tmp_path, state)
     assert (tmp_path / "model.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "data.npz", "model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.toml",
+        "curves.png",
+        "data.npz",
+        "metrics.jsonl",
+        "model.pt",
+    ]
+
+
+def test_metrics_jsonl_and_curves_png_are_written_per_evaluation(trained):
+    import json
+
+    result, out = trained
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [h["step"] for h in result.history]
+    for r, h in zip(records, result.history):
+        assert r["validation_loss"] == pytest.approx(h["validation_loss"])
+        assert r["train_loss"] == pytest.approx(h["train_loss"])
+        assert r["samples_per_s"] > 0 and r["elapsed_s"] > 0 and r["epoch"] in (0, 1)
+        assert r["popularity_validation_loss"] == pytest.approx(result.popularity_validation_loss)
+    assert [r["improved"] for r in records][0] is True
+    assert records[-1]["best_validation_loss"] == pytest.approx(result.best_validation_loss)
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image  # matplotlib depends on pillow
+
+    with Image.open(out / "curves.png") as image:
+        assert image.size == (700, 420)
+        # Not a blank canvas: the curves and the baseline put several colours on it.
+        assert len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 20

@@ -22,9 +22,11 @@ from gpu_ann.loader import BatchLoader
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.metrics import mean_loss, popularity_loss
 from gpu_ann.model import CandidateGenerator
+from gpu_ann.progress import stage
+from gpu_ann.run_log import RunLog
 from gpu_ann.splits import random_split
 
-log = logging.getLogger("gpu_ann.train")
+log = logging.getLogger("gpu_ann.training")
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,6 +59,7 @@ class TrainConfig:
     # where
     backend: str = "auto"
     out: str = "runs/anime"
+    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,8 +95,11 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
     """Train on ``table`` (default: read as ``cfg`` says); writes ``data.npz`` and the best ``model.pt``."""
     started = time.perf_counter()
     backend = get_backend(cfg.backend)
-    table = table if table is not None else load_table(cfg)
-    splits, assignment = random_split(table, cfg.split, cfg.seed)
+    if table is None:
+        with stage("reading ratings"):
+            table = load_table(cfg)
+    with stage("splitting"):
+        splits, assignment = random_split(table, cfg.split, cfg.seed)
     n_items = table.n_items
     log.info(
         "data %s: %d users, %d items, %s; %d train / %d validation / %d test samples; backend %s",
@@ -107,7 +113,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         backend.name,
     )
 
-    matrix = InteractionMatrix.from_pairs(backend, splits.train.user, splits.train.item, table.n_users, n_items)
+    with stage(f"building the matrix on {backend.name}"):
+        matrix = InteractionMatrix.from_pairs(backend, splits.train.user, splits.train.item, table.n_users, n_items)
     loader = BatchLoader(matrix, splits.train, cfg.batch_size, replacement=cfg.sampling == "replacement", seed=cfg.seed)
     # Evaluation runs between steps, so it shares the training loader's buffers.
     buffers = loader.assembler.buffers
@@ -126,12 +133,15 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
 
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
     best, bad_evals, step, history = math.inf, 0, 0, []
+    run_log = RunLog(run_dir, popularity, cfg.tensorboard)
     bar = tqdm(total=max_steps, unit="step", desc="train", disable=None, dynamic_ncols=True)
     stop = step >= max_steps
+    since = {"step": 0, "time": time.perf_counter()}  # training throughput between evaluations
 
     def evaluate(epoch: int) -> bool:
         """Log losses, checkpoint an improvement; True when patience has run out."""
         nonlocal best, bad_evals
+        samples_per_s = (step - since["step"]) * cfg.batch_size / (time.perf_counter() - since["time"])
         losses = {name: mean_loss(model, batches) for name, batches in eval_sets.items()}
         if not math.isfinite(losses["validation"]):
             raise TrainingDiverged(
@@ -142,13 +152,28 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
             best, bad_evals = losses["validation"], 0
             if not history:  # the first checkpoint: the run directory appears only now, complete
                 save_data(run_dir, table, assignment)
+                run_log.start_fresh()
             save_checkpoint(
                 run_dir,
                 Checkpoint(model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict()),
             )
         else:
             bad_evals += 1
-        history.append({"step": step, "epoch": epoch, **losses})
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": losses["train"],
+            "validation_loss": losses["validation"],
+            "best_validation_loss": best,
+            "improved": improved,
+            "popularity_validation_loss": popularity,
+            "samples_per_s": samples_per_s,
+            "elapsed_s": time.perf_counter() - started,
+        }
+        history.append(record)
+        if best < math.inf:  # the run directory exists once the first checkpoint is written
+            run_log.write(record)
+        since.update(step=step, time=time.perf_counter())
         bar.write(
             f"step {step:6d}  epoch {epoch}  train loss {losses['train']:.4f}  "
             f"validation loss {losses['validation']:.4f}  (popularity {popularity:.4f})"
@@ -174,12 +199,14 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
                 break
         epoch += 1
     bar.close()
+    run_log.close()
     seconds = time.perf_counter() - started
 
     # The best model on the whole validation split, against popularity on the same samples.
     model.load_state_dict(load_checkpoint(run_dir).model_state)
-    full_val = FixedBatches(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers)
-    final = mean_loss(model, full_val)
+    with stage("evaluating the best model on the whole validation split"):
+        full_val = FixedBatches(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers)
+        final = mean_loss(model, full_val)
     return TrainResult(
         run_dir=run_dir,
         steps=step,

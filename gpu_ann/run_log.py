@@ -1,0 +1,83 @@
+"""What a training run writes as it goes: JSON lines, a PNG of the curves, optionally TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("gpu_ann.training")
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class RunLog:
+    """One JSON line per evaluation in ``metrics.jsonl``, ``curves.png`` redrawn each time.
+
+    Lines are appended and flushed whole, so a crash leaves complete lines; the PNG is written to a
+    temporary file and renamed. The run directory is created by the first checkpoint, so nothing is
+    written before it exists (see ``train``).
+    """
+
+    def __init__(self, run_dir: Path, popularity: float, tensorboard: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.popularity = popularity
+        self.records: list[dict] = []
+        self._tb = None
+        self._tensorboard = tensorboard
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        self._plot()
+        if self._tensorboard:
+            self._write_tensorboard(record)
+
+    def start_fresh(self) -> None:
+        """A new run in this directory: forget an earlier run's lines."""
+        (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless: no display needed
+        import matplotlib.pyplot as plt
+
+        steps = [r["step"] for r in self.records]
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+        ax.plot(steps, [r["train_loss"] for r in self.records], marker="o", ms=3, label="training (fixed batches)")
+        ax.plot(
+            steps, [r["validation_loss"] for r in self.records], marker="o", ms=3, label="validation (fixed batches)"
+        )
+        if math.isfinite(self.popularity):
+            ax.axhline(self.popularity, color="grey", ls="--", lw=1, label="popularity baseline (validation)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.set_title(f"gpu-ann training curves: {self.run_dir.name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.run_dir / f".{CURVES_FILE}.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        tmp.replace(self.run_dir / CURVES_FILE)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                log.warning("TensorBoard logging asked for but not available (%s); pip install tensorboard", exc)
+                self._tensorboard = False
+                return
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        for key in ("train_loss", "validation_loss", "samples_per_s"):
+            self._tb.add_scalar(key, record[key], record["step"])
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
