@@ -33,7 +33,19 @@ class BackendUnavailable(RuntimeError):
 
 
 class CpuBackend:
-    """numpy + scipy.sparse + numba CPU kernels + CPU torch."""
+    """numpy + scipy.sparse + numba CPU kernels + CPU torch.
+
+    Attributes
+    ----------
+    name : str
+        ``"cpu"``.
+    xp : module
+        ``numpy``.
+    sparse : module
+        ``scipy.sparse``.
+    torch_device : torch.device
+        ``cpu``.
+    """
 
     name = "cpu"
 
@@ -45,26 +57,89 @@ class CpuBackend:
         self.torch_device = torch.device("cpu")
 
     def from_host(self, array: np.ndarray) -> np.ndarray:
+        """The array, C-contiguous: the same array (no copy) when it already is.
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            Host array.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
         return np.ascontiguousarray(array)
 
     def tensor_from_host(self, array: np.ndarray) -> torch.Tensor:
+        """A CPU tensor over the array's memory (shared, no copy, when it is C-contiguous).
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            Host array.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         return torch.from_numpy(np.ascontiguousarray(array))
 
     def to_host(self, array: Any) -> np.ndarray:
+        """The array as numpy: the same memory, no copy, for a numpy array.
+
+        Parameters
+        ----------
+        array : array_like
+            A backend array.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
         return np.asarray(array)
 
     def kernel_array(self, array: np.ndarray) -> np.ndarray:
-        """The form the kernels take: numpy arrays as they are."""
+        """The form the kernels take: numpy arrays as they are.
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            A backend array.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``array`` itself.
+        """
         return array
 
     def view_of_tensor(self, tensor: torch.Tensor) -> np.ndarray:
-        """A numpy view of a torch buffer, made through DLPack (zero copy)."""
+        """A numpy view of a torch buffer, made through DLPack (zero copy).
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            A CPU tensor (detached for the view; writes through the view reach the tensor).
+
+        Returns
+        -------
+        numpy.ndarray
+        """
         return np.from_dlpack(tensor.detach())
 
     def assemble_rows(self, *args) -> None:
+        """Run the CPU batch assembly kernel (parallel numba); returns when the batch is written.
+
+        Parameters
+        ----------
+        *args
+            ``indptr, indices, sample_users, sample_items, batch, out, labels`` as kernel arrays
+            (see ``gpu_ann.kernels.assemble``).
+        """
         _assemble.assemble_rows(*args, target="cpu")
 
     def synchronize(self) -> None:
+        """Nothing to wait for on the CPU."""
         pass
 
     def __repr__(self) -> str:
@@ -72,7 +147,27 @@ class CpuBackend:
 
 
 class CudaBackend:
-    """cupy + cupyx.scipy.sparse + numba-cuda kernels + CUDA torch, all on torch's current stream."""
+    """cupy + cupyx.scipy.sparse + numba-cuda kernels + CUDA torch, all on torch's current stream.
+
+    Make it through :func:`get_backend`, which checks first that CUDA can run.
+
+    Parameters
+    ----------
+    device : int, optional
+        CUDA device index, made torch's current device; default: torch's current device.
+        CuPy and numba are pointed at the same device.
+
+    Attributes
+    ----------
+    name : str
+        ``"cuda"``.
+    xp : module
+        ``cupy``.
+    sparse : module
+        ``cupyx.scipy.sparse``.
+    torch_device : torch.device
+        The CUDA device everything runs on.
+    """
 
     name = "cuda"
 
@@ -97,6 +192,15 @@ class CudaBackend:
         """A CuPy copy, for arrays made once and kept for the run (the matrix).
 
         Host -> device copy from pageable memory: blocks the host until it is done (sync).
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            Host array.
+
+        Returns
+        -------
+        cupy.ndarray
         """
         return self.xp.asarray(array)
 
@@ -106,25 +210,74 @@ class CudaBackend:
         Allocated and copied on torch's current stream, the stream the kernels read them on, so the
         caching allocator cannot hand the block to anyone before those kernels are done with it.
         Host -> device copy from pageable memory: a host-device sync, once per epoch.
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            Host array.
+
+        Returns
+        -------
+        torch.Tensor
+            On :attr:`torch_device`.
         """
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.torch_device)
 
     def to_host(self, array: Any) -> np.ndarray:
+        """A host copy of a CuPy array.
+
+        Parameters
+        ----------
+        array : cupy.ndarray
+            A device array.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
         # Device -> host copy: a host-device sync.
         return self.xp.asnumpy(array)
 
     def kernel_array(self, array):
-        """A numba device array over a CuPy array, made once so that launches neither convert nor sync."""
+        """A numba device array over a CuPy array, made once so that launches neither convert nor sync.
+
+        Parameters
+        ----------
+        array : cupy.ndarray
+            A device array (anything with ``__cuda_array_interface__``).
+
+        Returns
+        -------
+        numba.cuda.devicearray.DeviceNDArray
+            A view: same memory, no copy.
+        """
         return self._cuda.as_cuda_array(array, sync=False)
 
     def view_of_tensor(self, tensor: torch.Tensor):
         """A numba device view of a torch tensor, through DLPack via CuPy (zero copy).
 
         The view holds the DLPack capsule, which holds the tensor: the memory lives as long as the view.
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            A CUDA tensor on :attr:`torch_device`.
+
+        Returns
+        -------
+        numba.cuda.devicearray.DeviceNDArray
         """
         return self.kernel_array(self.xp.from_dlpack(tensor.detach()))
 
     def assemble_rows(self, *args) -> None:
+        """Launch the CUDA batch assembly kernel on torch's current stream; asynchronous, no sync.
+
+        Parameters
+        ----------
+        *args
+            ``indptr, indices, sample_users, sample_items, batch, out, labels`` as kernel arrays
+            (see ``gpu_ann.kernels.assemble``).
+        """
         # Launch on the stream torch computes on, so the step that reads the batch is ordered after
         # the kernel that writes it, and the kernel after the step that last read the buffer.
         handle = torch.cuda.current_stream(self.torch_device).cuda_stream
@@ -134,6 +287,7 @@ class CudaBackend:
         _assemble.assemble_rows(*args, target="cuda", stream=stream)
 
     def synchronize(self) -> None:
+        """Wait for all work on the device (a host-device sync)."""
         torch.cuda.synchronize(self.torch_device)  # host-device sync (timing and tests only)
 
     def __repr__(self) -> str:
@@ -142,7 +296,15 @@ class CudaBackend:
 
 @cache
 def cuda_unusable_reason() -> str | None:
-    """None when the CUDA backend can run here, else why not. Touches the device once per process."""
+    """None when the CUDA backend can run here, else why not. Touches the device once per process.
+
+    The answer is cached for the life of the process.
+
+    Returns
+    -------
+    str or None
+        A one-line reason (CuPy missing, no device, simulator enabled, ...), or None.
+    """
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         return "NUMBA_ENABLE_CUDASIM=1 is set (the numba CUDA simulator is not a device)"
     try:
@@ -177,10 +339,17 @@ def get_backend(name: str = "auto", device: int | None = None) -> CpuBackend | C
     device : int, optional
         CUDA device index (default: torch's current device); ignored by the cpu backend.
 
+    Returns
+    -------
+    CpuBackend or CudaBackend
+        A new backend object on each call.
+
     Raises
     ------
     BackendUnavailable
         ``"cuda"`` was asked for where it cannot run; the message says why.
+    ValueError
+        ``name`` is not one of the three.
     """
     if name == "cpu":
         return CpuBackend()

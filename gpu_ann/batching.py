@@ -18,6 +18,28 @@ class BatchAssembler:
     The tensors returned by :meth:`assemble` are views of those buffers: the next call overwrites
     them, so finish with a batch (forward and backward) before asking for the next one. On the GPU the
     kernel runs on torch's current stream, which orders it after the step that read the last batch.
+
+    Parameters
+    ----------
+    matrix : InteractionMatrix
+        The input rows (the training split's matrix).
+    samples : Samples
+        The (user, item) pairs; copied to the backend once, as int32 torch tensors.
+    max_rows : int
+        The largest batch :meth:`assemble` will be asked for.
+    buffers : BatchBuffers, optional
+        Buffers to share with another assembler used in turn; by default new ones of ``max_rows``.
+    allow_no_target : bool
+        Accept item ``-1`` ("no target": nothing is removed from the row), as recommending does.
+    dtype : torch.dtype
+        ``torch.float32`` or ``torch.bfloat16`` for new buffers; ignored when ``buffers`` is given.
+
+    Raises
+    ------
+    IndexError
+        A sample's user or item lies outside the matrix (or is negative).
+    ValueError
+        ``buffers`` has fewer than ``max_rows`` rows or a width other than ``n_items + 3``.
     """
 
     def __init__(
@@ -57,13 +79,52 @@ class BatchAssembler:
             )
 
     def to_device_indices(self, order: np.ndarray):
-        """Sample indices from the host to the form the kernel takes (one host-device copy)."""
+        """Sample indices from the host to the form the kernel takes (one host-device copy).
+
+        Parameters
+        ----------
+        order : numpy.ndarray
+            Indices into the samples, each in ``[0, n_samples)``.
+
+        Returns
+        -------
+        numpy.ndarray or numba device array
+            An int64 kernel view of a new torch tensor on the backend's device.
+
+        Raises
+        ------
+        IndexError
+            An index is outside ``[0, n_samples)``.
+        """
         if len(order) and (order.min() < 0 or order.max() >= self.n_samples):
             raise IndexError(f"sample indices must lie in [0, {self.n_samples})")
         return self.backend.view_of_tensor(self.backend.tensor_from_host(order.astype(np.int64)))
 
     def assemble(self, device_indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(X, y)`` for sample indices already on the device (from :meth:`to_device_indices`)."""
+        """``(X, y)`` for sample indices already on the device (from :meth:`to_device_indices`).
+
+        One kernel launch, asynchronous on the GPU (no sync). Row ``r`` of ``X`` holds ``1/w`` at the
+        user's items other than the target, ``w`` their count, then the three count features; ``y[r]``
+        is the target item.
+
+        Parameters
+        ----------
+        device_indices : numpy.ndarray or numba device array
+            Sample indices, at most ``max_rows`` of them; a slice of a :meth:`to_device_indices` result
+            works too.
+
+        Returns
+        -------
+        X : torch.Tensor
+            ``[n, n_items + 3]`` view of the shared buffer, overwritten by the next call.
+        y : torch.Tensor
+            ``[n]`` int64 labels, a view likewise.
+
+        Raises
+        ------
+        ValueError
+            More indices than ``max_rows``.
+        """
         n = device_indices.shape[0]
         if n > self.max_rows:
             raise ValueError(f"batch of {n} rows exceeds the buffer of {self.max_rows}")
@@ -75,7 +136,31 @@ class BatchAssembler:
 
 
 class FixedBatches:
-    """A fixed random subset of a split, in ``n_batches`` batches: the evaluation set of the seed."""
+    """A fixed random subset of a split, in ``n_batches`` batches: the evaluation set of the seed.
+
+    The subset and its device indices are made once; each iteration reassembles the same batches
+    into the (possibly shared) buffers, so a yielded batch is overwritten by the next.
+
+    Parameters
+    ----------
+    matrix : InteractionMatrix
+        The input rows (the training split's matrix).
+    samples : Samples
+        The split to draw from.
+    batch_size : int
+        Rows per batch.
+    n_batches : int or None
+        Batches to keep; ``None`` keeps the whole split (in random order).
+    seed : int
+        Seeds the subset, on a stream apart from the training epochs'.
+    buffers : BatchBuffers, optional
+        Buffers to share with the training loader.
+
+    Attributes
+    ----------
+    n_samples : int
+        Samples in the subset.
+    """
 
     def __init__(
         self,

@@ -50,7 +50,18 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
 
 
 def fingerprint(table: RatingsTable) -> str:
-    """A short hash of the id maps: a model only fits data with the same users and items in the same order."""
+    """A short hash of the id maps: a model only fits data with the same users and items in the same order.
+
+    Parameters
+    ----------
+    table : RatingsTable
+        Only ``user_ids`` and ``item_ids`` (dtype and bytes) enter the hash.
+
+    Returns
+    -------
+    str
+        The first 16 hex digits of a SHA-256.
+    """
     h = hashlib.sha256()
     for ids in (table.user_ids, table.item_ids):
         h.update(str(ids.dtype).encode())
@@ -59,7 +70,20 @@ def fingerprint(table: RatingsTable) -> str:
 
 
 def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> None:
-    """The table (indices, id maps, titles) and each interaction's split, for recommend and evaluate."""
+    """The table (indices, id maps, titles) and each interaction's split, for recommend and evaluate.
+
+    Written atomically to ``run_dir/data.npz`` (the directory is created if needed). Ratings and
+    timestamps are not saved.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+    table : RatingsTable
+        The data the run was trained on.
+    assignment : numpy.ndarray
+        Split code (0/1/2) of each interaction, as :func:`gpu_ann.random_split` returns it.
+    """
     arrays = {
         "user": table.user,
         "item": table.item,
@@ -76,6 +100,25 @@ def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> Non
 
 
 def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
+    """Read back what :func:`save_data` wrote, checking the id maps against their fingerprint.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+
+    Returns
+    -------
+    table : RatingsTable
+        Indices, id maps and titles; ``rating`` and ``timestamp`` are None.
+    assignment : numpy.ndarray
+        Split code (0/1/2) of each interaction.
+
+    Raises
+    ------
+    CheckpointError
+        ``data.npz`` is missing, or its id maps do not match the stored fingerprint.
+    """
     path = Path(run_dir) / DATA_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {run_dir} a gpu-ann run directory?)")
@@ -100,6 +143,24 @@ def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
 
 @dataclass
 class Checkpoint:
+    """The contents of ``model.pt``: the best model so far and what is needed to use or resume it.
+
+    Parameters
+    ----------
+    model_state : dict
+        The model's ``state_dict`` (on the CPU once loaded).
+    config : dict
+        :meth:`TrainConfig.to_dict` of the run.
+    step, epoch : int
+        Where training was when this model was saved.
+    best_validation_loss : float
+        Its loss on the fixed validation batches (nats).
+    data_fingerprint : str
+        :func:`fingerprint` of the data it was trained on.
+    optimizer_state : dict, optional
+        The optimiser's ``state_dict``.
+    """
+
     model_state: dict[str, torch.Tensor]
     config: dict[str, Any]
     step: int
@@ -120,6 +181,22 @@ def _to_cpu(state):
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
+    """Write ``model.pt`` and then ``config.toml`` into ``run_dir``, each atomically.
+
+    Tensors are copied to the CPU first (from the GPU: a device-to-host sync).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory (created if needed).
+    ckpt : Checkpoint
+        What to save.
+
+    Raises
+    ------
+    ConfigError
+        A config value cannot be written to TOML (a non-finite float); ``model.pt`` is written already.
+    """
     payload = {
         "format_version": FORMAT_VERSION,
         "model_state": _to_cpu(ckpt.model_state),
@@ -136,7 +213,26 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(run_dir: Path, table: RatingsTable | None = None) -> Checkpoint:
-    """Load ``model.pt``; with ``table``, refuse a checkpoint trained on other users or items."""
+    """Load ``model.pt``; with ``table``, refuse a checkpoint trained on other users or items.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+    table : RatingsTable, optional
+        The data the model is to be used with; checked against the checkpoint's fingerprint.
+
+    Returns
+    -------
+    Checkpoint
+        With all tensors on the CPU.
+
+    Raises
+    ------
+    CheckpointError
+        ``model.pt`` is missing, unreadable with ``weights_only=True``, of another format version, or
+        trained on data other than ``table``.
+    """
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (did training write a checkpoint into {run_dir}?)")

@@ -32,6 +32,16 @@ def _hidden(text: str) -> tuple[int, int, int]:
     return parts
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: cut-offs must be positive")
+    return values
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -155,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("train", "validation", "test"), default="validation", help="which split")
     ev.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     ev.add_argument("--batch-size", type=_positive, default=1024, help="rows per evaluation batch")
+    ev.add_argument(
+        "--ks",
+        type=_ints,
+        default=(20, 50, 100),
+        metavar="K,K,...",
+        help="cut-offs of the ranking metrics (recall, NDCG, ...); see gpu_ann.ranking",
+    )
 
     info = sub.add_parser(
         "info",
@@ -212,10 +229,19 @@ def _recommend(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from gpu_ann.evaluate import evaluate_run
 
-    r = evaluate_run(args.checkpoint, args.split, args.backend, args.batch_size)
+    r = evaluate_run(args.checkpoint, args.split, args.backend, args.batch_size, args.ks)
     print(f"{r['split']} split, {r['samples']:,} samples")
     print(f"  model loss       {r['loss']:.4f}")
     print(f"  popularity loss  {r['popularity_loss']:.4f}  (training counts, add-one smoothed)")
+    ranking = r["ranking"]
+    print(
+        f"ranking over {ranking['model']['users']:,} users with {r['split']} items "
+        "(training items excluded; definitions: gpu_ann.ranking)"
+    )
+    print(f"  {'metric':<16}{'model':>10}{'popularity':>12}")
+    for name in ranking["model"]:
+        if name != "users":
+            print(f"  {name:<16}{ranking['model'][name]:>10.4f}{ranking['popularity'][name]:>12.4f}")
     return 0
 
 

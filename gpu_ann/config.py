@@ -25,7 +25,27 @@ class ConfigError(ValueError):
 
 
 def read_toml(path: str | Path, command: str) -> dict[str, Any]:
-    """The options for ``command`` in a TOML file: its top-level keys, or its ``[command]`` table."""
+    """The options for ``command`` in a TOML file: its top-level keys, or its ``[command]`` table.
+
+    Keys whose value is a table (other commands' sections) are left out.
+
+    Parameters
+    ----------
+    path : str or Path
+        The config file (UTF-8).
+    command : str
+        The command whose table is used when the file has one.
+
+    Returns
+    -------
+    dict
+        Option name (as written in the file) to value.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not valid TOML.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -39,7 +59,30 @@ def read_toml(path: str | Path, command: str) -> dict[str, Any]:
 
 
 def config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> list[str]:
-    """Command-line tokens for ``values``, checked against ``parser``'s options."""
+    """Command-line tokens for ``values``, checked against ``parser``'s options.
+
+    Keys may use dashes or underscores. A true/false option becomes its flag or nothing; a list
+    becomes one comma-joined value; anything else its ``str()``.
+
+    Parameters
+    ----------
+    values : dict
+        Options, as :func:`read_toml` returns them.
+    parser : argparse.ArgumentParser
+        The command's parser; its optional arguments (except ``--help`` and ``--config``) are allowed.
+    source : str
+        Named in error messages (the file).
+
+    Returns
+    -------
+    list of str
+        Tokens to place before the user's own arguments.
+
+    Raises
+    ------
+    ConfigError
+        An unknown option, or a non-boolean value for a true/false option.
+    """
     by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     argv: list[str] = []
     for key, value in values.items():
@@ -76,7 +119,25 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(values: dict[str, Any], command: str) -> str:
-    """A ``[command]`` table of the non-None values, readable back by :func:`read_toml`."""
+    """A ``[command]`` table of the non-None values, readable back by :func:`read_toml`.
+
+    Parameters
+    ----------
+    values : dict
+        Option name (underscores are written as dashes) to bool, number, string, list or tuple.
+    command : str
+        The table's name.
+
+    Returns
+    -------
+    str
+        TOML text ending in a newline.
+
+    Raises
+    ------
+    ConfigError
+        A value is a non-finite float (inf or NaN).
+    """
     lines = [f"[{command}]"]
     lines += [f"{key.replace('_', '-')} = {_toml_value(v)}" for key, v in values.items() if v is not None]
     return "\n".join(lines) + "\n"

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from gpu_ann.backend import get_backend
-from gpu_ann.batching import FixedBatches
+from gpu_ann.batching import BatchAssembler, FixedBatches
 from gpu_ann.checkpoint import load_checkpoint, load_data
 from gpu_ann.matrix import InteractionMatrix
-from gpu_ann.metrics import mean_loss, popularity_loss
+from gpu_ann.metrics import mean_loss, popularity_log_probs, popularity_loss
 from gpu_ann.model import CandidateGenerator
-from gpu_ann.splits import SPLIT_NAMES, splits_from_assignment
+from gpu_ann.ranking import evaluate_scores
+from gpu_ann.splits import SPLIT_NAMES, Samples, splits_from_assignment
 
 
-def evaluate_run(run_dir: str | Path, split: str = "validation", backend: str = "auto", batch_size: int = 1024) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "validation",
+    backend: str = "auto",
+    batch_size: int = 1024,
+    ks: tuple[int, ...] = (),
+) -> dict:
     """Mean cross-entropy of a run's best model on a whole split, next to the popularity baseline's.
 
     Parameters
@@ -28,12 +37,16 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", backend: str = 
         Where to compute.
     batch_size : int
         Rows per evaluation batch.
+    ks : tuple of int
+        Cut-offs for ranking metrics (see :mod:`gpu_ann.ranking`); none by default.
 
     Returns
     -------
     dict
         ``split``, ``samples``, ``loss`` (the model's, nats) and ``popularity_loss`` (add-one smoothed
-        training popularity on the same samples).
+        training popularity on the same samples); with ``ks``, also ``ranking``: ``{"model": {...},
+        "popularity": {...}}``, each the metrics of :class:`gpu_ann.ranking.RankingMetrics` over the
+        users with items in the split, their training items excluded.
     """
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLIT_NAMES}")
@@ -47,9 +60,45 @@ def evaluate_run(run_dir: str | Path, split: str = "validation", backend: str = 
     model.to(b.torch_device)
     with torch.no_grad():
         loss = mean_loss(model, FixedBatches(matrix, splits[split], batch_size, None))
-    return {
+    result = {
         "split": split,
         "samples": len(splits[split]),
         "loss": loss,
         "popularity_loss": popularity_loss(splits.train.item, splits[split].item, table.n_items),
     }
+    if ks:
+        result["ranking"] = _ranking(model, matrix, splits, split, table, ks, batch_size)
+    return result
+
+
+def _ranking(model, matrix, splits, split, table, ks, batch_size) -> dict:
+    """Ranking metrics of the model and of popularity on one split (inputs: the training rows)."""
+    device = matrix.backend.torch_device
+    seen = _host_csr(splits.train, table)
+    heldout = _host_csr(splits[split], table)
+    users = np.arange(table.n_users, dtype=np.int32)
+    # One sample per user whose target (-1) is no item: the kernel keeps the whole training row.
+    assembler = BatchAssembler(matrix, Samples(users, np.full_like(users, -1)), batch_size, allow_no_target=True)
+    model.eval()
+
+    def model_scores(batch_users):
+        X, _ = assembler.assemble(assembler.to_device_indices(batch_users.astype(np.int64)))
+        return model(X)
+
+    popular = torch.as_tensor(popularity_log_probs(splits.train.item, table.n_items), device=device)
+
+    def popularity_scores(batch_users):
+        return popular.expand(len(batch_users), -1)
+
+    return {
+        name: evaluate_scores(scorer, table.n_users, table.n_items, seen, heldout, ks, device, batch_size)
+        for name, scorer in (("model", model_scores), ("popularity", popularity_scores))
+    }
+
+
+def _host_csr(samples, table) -> tuple[np.ndarray, np.ndarray]:
+    m = sp.csr_matrix(
+        (np.ones(len(samples), np.float32), (samples.user, samples.item)), shape=(table.n_users, table.n_items)
+    )
+    m.sum_duplicates()
+    return m.indptr, m.indices

@@ -13,7 +13,27 @@ import torch
 
 
 class BatchBuffers:
-    """``X [max_rows, n_cols]`` and ``y [max_rows]`` on the backend's device, with kernel views of both."""
+    """``X [max_rows, n_cols]`` and ``y [max_rows]`` on the backend's device, with kernel views of both.
+
+    Allocated once by torch (uninitialised); the kernels write through ``X_kernel`` / ``y_kernel``,
+    which share memory with ``X`` / ``y``.
+
+    Parameters
+    ----------
+    backend : CpuBackend or CudaBackend
+        Gives the torch device and makes the kernel views.
+    max_rows : int
+        The largest batch the buffers hold.
+    n_cols : int
+        Width of ``X`` (``n_items + 3``).
+    dtype : torch.dtype
+        ``torch.float32`` or ``torch.bfloat16`` for ``X``; ``y`` is always int64.
+
+    Raises
+    ------
+    ValueError
+        Any other ``dtype``.
+    """
 
     def __init__(self, backend, max_rows: int, n_cols: int, dtype: torch.dtype = torch.float32) -> None:
         if dtype not in (torch.float32, torch.bfloat16):
@@ -26,5 +46,18 @@ class BatchBuffers:
         self.y_kernel = backend.view_of_tensor(self.y)
 
     def views(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The torch tensors of the first ``n_rows`` rows: views, not copies."""
+        """The torch tensors of the first ``n_rows`` rows: views, not copies.
+
+        Parameters
+        ----------
+        n_rows : int
+            Rows of the current batch.
+
+        Returns
+        -------
+        X : torch.Tensor
+            ``[n_rows, n_cols]`` view of the input buffer.
+        y : torch.Tensor
+            ``[n_rows]`` int64 view of the label buffer.
+        """
         return self.X[:n_rows], self.y[:n_rows]

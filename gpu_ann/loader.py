@@ -23,6 +23,13 @@ class Batch:
     """One batch: ``X [B, n_items + 3]`` inputs and ``y [B]`` item labels; unpacks as ``X, y``.
 
     Both are views of the loader's reused buffers: the next batch overwrites them.
+
+    Parameters
+    ----------
+    X : torch.Tensor
+        Inputs, float32 or bfloat16, on the loader's device.
+    y : torch.Tensor
+        Labels (item indices), int64.
     """
 
     __slots__ = ("X", "y")
@@ -124,8 +131,25 @@ class BatchLoader(IterableDataset):
     ) -> BatchLoader:
         """A loader over an existing CSR matrix (scipy, or cupyx on the cuda backend) and sample arrays.
 
-        ``users[k], items[k]`` is sample ``k``; the CSR is validated before use. ``options`` are those of
-        the constructor (``shuffle``, ``seed``, ``dtype``, ...).
+        Parameters
+        ----------
+        csr : scipy.sparse CSR or cupyx.scipy.sparse CSR
+            Users x items; only its structure is read, and it is validated before use.
+        users, items : array_like of int
+            ``users[k], items[k]`` is sample ``k``.
+        batch_size : int
+            Rows per batch.
+        backend : {"auto", "cpu", "cuda"}
+            Where batches are built.
+        device : int, optional
+            CUDA device index.
+        **options
+            The constructor's keyword options (``shuffle``, ``seed``, ``dtype``, ...).
+
+        Raises
+        ------
+        MalformedMatrix
+            The CSR has unsorted, duplicate or out-of-range indices or a bad ``indptr``.
         """
         matrix = InteractionMatrix.from_csr(get_backend(backend, device=device), csr)
         return cls(matrix, Samples(np.asarray(users, np.int32), np.asarray(items, np.int32)), batch_size, **options)
@@ -144,7 +168,23 @@ class BatchLoader(IterableDataset):
     ) -> BatchLoader:
         """A loader over one split of a ratings table, with the training split as the input matrix.
 
-        The split is the toolkit's seeded random split (``options["seed"]``, default 0, seeds it too).
+        Parameters
+        ----------
+        table : RatingsTable
+            The interactions.
+        batch_size : int
+            Rows per batch.
+        split : {"train", "validation", "test"}
+            Which split's samples to iterate.
+        fractions : tuple of float
+            Train, validation and test fractions of the seeded random split (``options["seed"]``,
+            default 0, seeds it too).
+        backend : {"auto", "cpu", "cuda"}
+            Where batches are built.
+        device : int, optional
+            CUDA device index.
+        **options
+            The constructor's keyword options.
         """
         if split not in SPLIT_NAMES:
             raise ValueError(f"unknown split {split!r}: expected one of {SPLIT_NAMES}")
@@ -178,11 +218,23 @@ class BatchLoader(IterableDataset):
         return n // b if self.drop_last else -(-n // b)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch the next iteration runs (its order is seeded by ``[seed, epoch]``)."""
+        """Choose the epoch the next iteration runs.
+
+        Parameters
+        ----------
+        epoch : int
+            Its order is seeded by ``[seed, epoch]``, so every rank of a distributed run agrees on it.
+        """
         self.epoch = epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The sample indices of one epoch, in order, on the host."""
+        """The sample indices of one epoch, in order, on the host.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch whose order to draw.
+        """
         n = self.n_samples
         rng = np.random.default_rng([self.seed, epoch])
         if self.replacement:

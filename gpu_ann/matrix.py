@@ -21,6 +21,22 @@ def validate_csr(indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_cols: i
     Safe means: ``indptr`` has ``n_rows + 1`` entries, starts at 0, never decreases and ends at
     ``len(indices)``; every index is in ``[0, n_cols)``; indices are strictly increasing within each row
     (sorted, no duplicates: the kernels binary-search the row). Runs on the host, vectorised.
+
+    Parameters
+    ----------
+    indptr : numpy.ndarray
+        Row pointers, ``n_rows + 1`` entries (host array, any integer dtype).
+    indices : numpy.ndarray
+        Column index of each stored entry (host array, any integer dtype).
+    n_rows : int
+        Number of rows (users).
+    n_cols : int
+        Number of columns (items).
+
+    Raises
+    ------
+    MalformedMatrix
+        The first problem found; the message names the row and the value at fault.
     """
     indptr = np.asarray(indptr)
     indices = np.asarray(indices)
@@ -54,7 +70,22 @@ class InteractionMatrix:
     """Users x items CSR on a backend (structure only: the stored value is never read by the kernels).
 
     ``indptr`` is int64 (nnz may pass 2**31), ``indices`` int32. ``csr`` is the scipy / cupyx matrix
-    over the same arrays for library users; the kernels take ``kernel_indptr`` / ``kernel_indices``.
+    over the same arrays for library users; the kernels take views made by ``backend.kernel_array``.
+    Build it with :meth:`from_pairs`, :meth:`from_scipy` or :meth:`from_csr`, which validate the
+    structure; the constructor itself checks nothing.
+
+    Parameters
+    ----------
+    backend : CpuBackend or CudaBackend
+        The backend the arrays live on (see :func:`gpu_ann.get_backend`).
+    indptr : numpy.ndarray or cupy.ndarray
+        Row pointers, int64, ``n_users + 1`` entries, on the backend.
+    indices : numpy.ndarray or cupy.ndarray
+        Item index of each stored entry, int32, sorted and unique within each row, on the backend.
+    n_users : int
+        Number of rows.
+    n_items : int
+        Number of columns.
     """
 
     backend: Any
@@ -65,7 +96,29 @@ class InteractionMatrix:
 
     @classmethod
     def from_pairs(cls, backend, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int):
-        """Build from host (user, item) index arrays; duplicate pairs are kept once."""
+        """Build from host (user, item) index arrays; duplicate pairs are kept once.
+
+        Parameters
+        ----------
+        backend : CpuBackend or CudaBackend
+            Where the matrix goes.
+        users, items : numpy.ndarray
+            Row and column index of each interaction (host arrays of equal length).
+        n_users, n_items : int
+            Shape of the matrix.
+
+        Returns
+        -------
+        InteractionMatrix
+            The validated matrix, rows sorted, on ``backend``.
+
+        Raises
+        ------
+        ValueError
+            An index is negative or outside the shape (raised by scipy).
+        MalformedMatrix
+            ``n_items`` does not fit int32 column indices.
+        """
         host = sp.csr_matrix(
             (np.ones(len(users), dtype=np.float32), (np.asarray(users), np.asarray(items))),
             shape=(n_users, n_items),
@@ -75,7 +128,28 @@ class InteractionMatrix:
 
     @classmethod
     def from_scipy(cls, backend, matrix: sp.spmatrix):
-        """Validate a host CSR matrix and move it to the backend."""
+        """Validate a host CSR matrix and move it to the backend.
+
+        The structure is copied (``indptr`` as int64, ``indices`` as int32; to the device on cuda, a
+        blocking host-to-device copy); the values are dropped. Rows are not sorted here: unsorted
+        rows are refused.
+
+        Parameters
+        ----------
+        backend : CpuBackend or CudaBackend
+            Where the matrix goes.
+        matrix : scipy.sparse.spmatrix
+            Any scipy sparse matrix; converted to CSR first.
+
+        Returns
+        -------
+        InteractionMatrix
+
+        Raises
+        ------
+        MalformedMatrix
+            Too many columns for int32 indices, or a structure that fails :func:`validate_csr`.
+        """
         matrix = sp.csr_matrix(matrix)
         n_users, n_items = matrix.shape
         if n_items >= INT32_MAX - 3:
@@ -87,7 +161,28 @@ class InteractionMatrix:
 
     @classmethod
     def from_csr(cls, backend, csr: Any):
-        """From a scipy CSR, or a cupyx CSR already on the device (validated through a host copy)."""
+        """From a scipy CSR, or a cupyx CSR already on the device (validated through a host copy).
+
+        Parameters
+        ----------
+        backend : CpuBackend or CudaBackend
+            Where the matrix goes.
+        csr : scipy.sparse matrix or array, or cupyx.scipy.sparse matrix
+            A scipy input goes through :meth:`from_scipy`. A cupyx input (cuda backend only) is
+            validated on a device-to-host copy of its structure (syncs) and its index arrays are cast
+            on the device (``astype`` makes new arrays: the caller's matrix is not shared).
+
+        Returns
+        -------
+        InteractionMatrix
+
+        Raises
+        ------
+        TypeError
+            ``csr`` is neither scipy sparse nor, on the cuda backend, a cupyx matrix.
+        MalformedMatrix
+            The structure fails :func:`validate_csr` (or, for scipy input, has too many columns).
+        """
         if isinstance(csr, sp.spmatrix | sp.sparray):
             return cls.from_scipy(backend, csr)
         if backend.name != "cuda" or not hasattr(csr, "get"):
@@ -101,11 +196,21 @@ class InteractionMatrix:
 
     @property
     def nnz(self) -> int:
+        """Number of stored (user, item) entries; read from the array's shape, no device sync."""
         return int(self.indices.shape[0])
 
     @property
     def csr(self):
-        """The matrix as scipy / cupyx CSR (values all 1), for library users; the kernels never use it."""
+        """The matrix as scipy / cupyx CSR (values all 1), for library users; the kernels never use it.
+
+        Built on each access over this matrix's index arrays (scipy / cupyx may cast them, which copies),
+        with a new float32 array of ones as values.
+
+        Raises
+        ------
+        OverflowError
+            On the cuda backend, more than ``2**31 - 1`` entries (cupyx CSR has int32 ``indptr``).
+        """
         if self.backend.name == "cuda" and self.nnz > INT32_MAX:
             # CuPy <= 14.2 casts indptr to int32, which goes negative past 2**31 entries (cupy#9490).
             raise OverflowError(f"{self.nnz:,} stored entries: too many for a cupyx CSR (int32 indptr)")
@@ -113,6 +218,18 @@ class InteractionMatrix:
         return self.backend.sparse.csr_matrix((data, self.indices, self.indptr), shape=(self.n_users, self.n_items))
 
     def row(self, user: int) -> np.ndarray:
-        """The item indices of one user, on the host."""
+        """The item indices of one user, on the host.
+
+        Parameters
+        ----------
+        user : int
+            Row index.
+
+        Returns
+        -------
+        numpy.ndarray
+            The user's item indices, int32, ascending. On the cpu backend a view of :attr:`indices`
+            (do not modify it); on cuda a host copy, at the cost of two device-to-host syncs.
+        """
         lo, hi = (int(v) for v in self.backend.to_host(self.indptr[user : user + 2]))
         return self.backend.to_host(self.indices[lo:hi])

@@ -14,6 +14,18 @@ class CandidateGenerator(nn.Module):
     The first layer has no bias and no activation: on a row holding ``1/w`` at the user's items it is
     the mean of those items' embeddings (the paper's averaged watch vector) plus the count features'
     contribution. The defaults ``hidden=(256, 512, 256)`` are the seed's.
+
+    Parameters
+    ----------
+    n_items : int
+        Catalogue size: the input has ``n_items + 3`` columns and the output ``n_items`` logits.
+    hidden : tuple of three ints
+        Widths ``(h0, h1, h2)``; ``h0`` is the item embedding size.
+
+    Raises
+    ------
+    ValueError
+        ``n_items`` is less than 1.
     """
 
     def __init__(self, n_items: int, hidden: tuple[int, int, int] = (256, 512, 256)) -> None:
@@ -28,8 +40,32 @@ class CandidateGenerator(nn.Module):
         self.out = nn.Linear(h2, n_items)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the items for a batch of input rows.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``[B, n_items + 3]`` rows as built by the batch assembler, on the model's device and in
+            its parameters' dtype.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, n_items]`` unnormalised logits (apply softmax / cross-entropy outside).
+        """
         return self.out(self.mlp(self.embed(x)))
 
     def configure_optimizer(self, lr: float = 1e-3) -> torch.optim.Optimizer:
-        """Adam with the seed's settings (betas 0.9 / 0.999)."""
+        """Adam with the seed's settings (betas 0.9 / 0.999).
+
+        Parameters
+        ----------
+        lr : float
+            Learning rate.
+
+        Returns
+        -------
+        torch.optim.Adam
+            An optimiser over all of the model's parameters.
+        """
         return torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))

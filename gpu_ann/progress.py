@@ -14,13 +14,23 @@ log = logging.getLogger("gpu_ann")
 
 
 def on_terminal() -> bool:
+    """Whether stderr is a terminal, i.e. whether progress is drawn as bars rather than logged."""
     return sys.stderr.isatty()
 
 
 @contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Time one stage (reading, splitting, building the matrix...): a one-step bar on a terminal, which
-    shows the elapsed time when done, or "name ..." and "name: done in X s" log lines otherwise."""
+    """Time one stage (reading, splitting, building the matrix...) as a context manager.
+
+    On a terminal: a one-step bar that shows the elapsed time when done. Otherwise: "name ..." and
+    "name: done in X s" log lines (INFO, logger ``gpu_ann``); the second is not written when the
+    stage raises.
+
+    Parameters
+    ----------
+    name : str
+        What the stage does, as shown to the user.
+    """
     started = time.perf_counter()
     if on_terminal():
         with tqdm(total=1, desc=name, bar_format="{desc}: {elapsed} {postfix}", leave=True) as bar:

@@ -22,6 +22,20 @@ class UnknownId(KeyError):
 
 @dataclass
 class Recommendation:
+    """One ranked item of :meth:`Recommender.for_user`.
+
+    Attributes
+    ----------
+    rank : int
+        Position in the list, from 1.
+    item_id : object
+        The item's raw id, as in the ratings file.
+    title : str
+        The item's title, "" where the data has none.
+    score : float
+        The model's logit for the item.
+    """
+
     rank: int
     item_id: object  # raw id, as in the ratings file
     title: str
@@ -34,6 +48,20 @@ class Recommender:
     The model is user-free: its input is a row of items. For a known user that row is everything the
     user has rated (all splits), normalised exactly as in training, and those items are excluded
     from the ranking.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run directory written by training (``data.npz`` and ``model.pt``).
+    backend : {"cpu", "auto", "cuda"}
+        Where the model runs and the input row is built (see :func:`gpu_ann.get_backend`).
+
+    Raises
+    ------
+    CheckpointError
+        The run directory is missing a file, or its model does not match its data.
+    BackendUnavailable
+        ``backend="cuda"`` where CUDA cannot run.
     """
 
     def __init__(self, run_dir: str | Path, backend: str = "cpu") -> None:
@@ -49,7 +77,23 @@ class Recommender:
         self._user_index = {raw: i for i, raw in enumerate(self.table.user_ids.tolist())}
 
     def user_index(self, raw_user_id: str) -> int:
-        """The index of a raw user id given as text (ids read as integers match their decimal form)."""
+        """The index of a raw user id given as text (ids read as integers match their decimal form).
+
+        Parameters
+        ----------
+        raw_user_id : str
+            The user's id as in the ratings file.
+
+        Returns
+        -------
+        int
+            Row index of the user in the run's data.
+
+        Raises
+        ------
+        UnknownId
+            The run's data holds no such user.
+        """
         key: object = raw_user_id
         if self.table.user_ids.dtype.kind in "iu":
             try:
@@ -62,6 +106,27 @@ class Recommender:
 
     @torch.no_grad()
     def for_user(self, raw_user_id: str, k: int = 10) -> list[Recommendation]:
+        """The ``k`` highest-scoring items the user has not rated, best first.
+
+        Runs without autograd; reading the user's row and the top ``k`` back to the host syncs with
+        the device on cuda.
+
+        Parameters
+        ----------
+        raw_user_id : str
+            The user's id as in the ratings file (see :meth:`user_index`).
+        k : int
+            How many items; fewer when the user has rated all but fewer than ``k`` items.
+
+        Returns
+        -------
+        list of Recommendation
+
+        Raises
+        ------
+        UnknownId
+            The run's data holds no such user.
+        """
         u = self.user_index(raw_user_id)
         # One sample whose target (-1) is no item: the kernel removes nothing from the row.
         sample = Samples(np.array([u], dtype=np.int32), np.array([-1], dtype=np.int32))

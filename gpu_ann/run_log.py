@@ -19,6 +19,15 @@ class RunLog:
     Lines are appended and flushed whole, so a crash leaves complete lines; the PNG is written to a
     temporary file and renamed. The run directory is created by the first checkpoint, so nothing is
     written before it exists (see ``train``).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory; it must exist before :meth:`write` or :meth:`start_fresh` is called.
+    popularity : float
+        The popularity baseline's validation loss, drawn as a horizontal line when finite.
+    tensorboard : bool
+        Also log to ``run_dir/tensorboard``; skipped with a warning when TensorBoard is not installed.
     """
 
     def __init__(self, run_dir: Path, popularity: float, tensorboard: bool = False) -> None:
@@ -29,6 +38,14 @@ class RunLog:
         self._tensorboard = tensorboard
 
     def write(self, record: dict) -> None:
+        """Append one evaluation's record and redraw ``curves.png`` (and log it to TensorBoard).
+
+        Parameters
+        ----------
+        record : dict
+            JSON-serialisable; the curves need ``step``, ``train_loss`` and ``validation_loss``,
+            TensorBoard also ``samples_per_s``.
+        """
         self.records.append(record)
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
@@ -79,5 +96,6 @@ class RunLog:
         self._tb.flush()
 
     def close(self) -> None:
+        """Close the TensorBoard writer, if one was opened."""
         if self._tb is not None:
             self._tb.close()

@@ -39,26 +39,75 @@ TOP_UP_ROUNDS = 4
 
 @dataclass(frozen=True)
 class Profile:
-    """Fitted marginals: sorted items-per-user counts and sorted item shares of a real table."""
+    """Fitted marginals: sorted items-per-user counts and sorted item shares of a real table.
+
+    Parameters
+    ----------
+    user_counts : numpy.ndarray
+        float64 items per user (users with at least one), ascending.
+    item_shares : numpy.ndarray
+        float64 share of all interactions per item, descending (sums to 1).
+    source : str
+        Where the table came from.
+    """
 
     user_counts: np.ndarray  # items per user, ascending
     item_shares: np.ndarray  # share of all interactions per item, descending (sums to 1)
     source: str = ""
 
     def row_lengths(self, rng: np.random.Generator, n_users: int, mean: float, n_items: int) -> np.ndarray:
+        """Items per user for ``n_users`` users, drawn from the fitted quantile function.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Source of the uniform draws.
+        n_users : int
+            How many row lengths.
+        mean : float
+            Target mean: the draws are scaled by ``mean / user_counts.mean()``.
+        n_items : int
+            Upper bound of a row length.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 ``[n_users]``, rounded and clipped to ``[1, n_items]``.
+        """
         q = np.linspace(0, 1, len(self.user_counts))
         draws = np.interp(rng.random(n_users), q, self.user_counts)
         return np.clip(np.rint(draws * (mean / self.user_counts.mean())), 1, n_items).astype(np.int64)
 
     def item_weights(self, n_items: int) -> np.ndarray:
-        """Popularity of the items by rank (descending), for a catalogue of ``n_items``."""
+        """Popularity of the items by rank (descending), for a catalogue of ``n_items``.
+
+        Parameters
+        ----------
+        n_items : int
+            Catalogue size; the fitted shares are interpolated over relative rank.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 ``[n_items]`` weights summing to 1, most popular first.
+        """
         real_rank = (np.arange(len(self.item_shares)) + 0.5) / len(self.item_shares)
         w = np.interp((np.arange(n_items) + 0.5) / n_items, real_rank, self.item_shares)
         return w / w.sum()
 
 
 def fit(table: RatingsTable) -> Profile:
-    """Fit the two marginals to a real table."""
+    """Fit the two marginals to a real table.
+
+    Parameters
+    ----------
+    table : RatingsTable
+        The real data.
+
+    Returns
+    -------
+    Profile
+    """
     per_user = np.bincount(table.user, minlength=table.n_users)
     per_item = np.bincount(table.item, minlength=table.n_items).astype(np.float64)
     return Profile(
@@ -76,7 +125,25 @@ def _sorted_unique(keys: np.ndarray) -> np.ndarray:
 
 
 def generate(profile: Profile, n_users: int, n_items: int, n_interactions: int, seed: int = 0) -> sp.csr_matrix:
-    """A users x items CSR (values 1, sorted rows, no duplicates) with about ``n_interactions`` entries."""
+    """A users x items CSR (values 1, sorted rows, no duplicates) with about ``n_interactions`` entries.
+
+    Parameters
+    ----------
+    profile : Profile
+        The fitted marginals.
+    n_users, n_items : int
+        Shape of the matrix.
+    n_interactions : int
+        Target number of entries; the result has somewhat fewer when repeats remain after the
+        top-up rounds (or row lengths were clipped).
+    seed : int
+        Seed of ``numpy.random.default_rng``; the same arguments give the same matrix.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32 values, every user with at least one item.
+    """
     rng = np.random.default_rng(seed)
     wanted = profile.row_lengths(rng, n_users, n_interactions / n_users, n_items)
     cdf = np.cumsum(profile.item_weights(n_items))
@@ -101,7 +168,19 @@ def generate(profile: Profile, n_users: int, n_items: int, n_interactions: int, 
 
 
 def describe(matrix: sp.csr_matrix) -> dict[str, float]:
-    """The statistics shown side by side for real and synthetic data."""
+    """The statistics shown side by side for real and synthetic data.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        Users x items.
+
+    Returns
+    -------
+    dict of str to int or float
+        Shape, interactions, items-per-user mean and percentiles, share of interactions held by the
+        top 1% and 10% of items, and the number of items never used.
+    """
     per_user = np.diff(matrix.indptr)
     per_item = np.sort(np.bincount(matrix.indices, minlength=matrix.shape[1]))[::-1]
     total = per_item.sum()
@@ -122,6 +201,17 @@ def describe(matrix: sp.csr_matrix) -> dict[str, float]:
 
 
 def samples_of(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Every stored (user, item) pair as training samples, in CSR order."""
+    """Every stored (user, item) pair as training samples, in CSR order.
+
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        Users x items.
+
+    Returns
+    -------
+    users, items : numpy.ndarray
+        int32 ``[nnz]`` each.
+    """
     users = np.repeat(np.arange(matrix.shape[0], dtype=np.int32), np.diff(matrix.indptr))
     return users, matrix.indices.astype(np.int32)

@@ -35,6 +35,51 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    """Everything a training run needs; split, model and optimiser defaults are the seed notebook's.
+
+    Saved with every checkpoint (:meth:`to_dict`) and written as ``config.toml`` in the run directory.
+
+    Parameters
+    ----------
+    data : str, optional
+        Ratings file to read; ``None`` reads the bundled anime ratings.
+    user_col, item_col, rating_col : str, optional
+        Column names or 0-based positions for :func:`gpu_ann.read_ratings`; ``None`` lets it guess.
+    sep : str, optional
+        Field separator for text files; ``None`` picks it from the suffix or the first line.
+    header : bool
+        Whether a text file's first line holds column names.
+    split : tuple of three floats
+        Train / validation / test fractions of the seeded random split.
+    seed : int
+        Seeds the split, the epoch orders, the evaluation batches and the model's initial weights.
+    hidden : tuple of three ints
+        Hidden layer widths of :class:`gpu_ann.CandidateGenerator`.
+    lr : float
+        Adam learning rate.
+    batch_size : int
+        Samples per training and evaluation batch.
+    sampling : {"epoch", "replacement"}
+        ``"epoch"``: each sample once per epoch, shuffled; ``"replacement"``: drawn with replacement
+        (the seed notebook's sampling).
+    eval_every : int
+        Training steps between evaluations.
+    eval_batches : int
+        Fixed random batches per split (train and validation) in each evaluation.
+    patience : int
+        Evaluations without a better validation loss before training stops.
+    max_epochs : int
+        Epochs to train when ``max_steps`` is None.
+    max_steps : int, optional
+        Steps to train; overrides ``max_epochs``.
+    backend : {"auto", "cpu", "cuda"}
+        See :func:`gpu_ann.get_backend`.
+    out : str
+        Run directory for data, checkpoint, config and logs.
+    tensorboard : bool
+        Also log to ``out/tensorboard`` (needs the tensorboard package).
+    """
+
     # data: None = the bundled anime ratings
     data: str | None = None
     user_col: str | None = None
@@ -62,11 +107,37 @@ class TrainConfig:
     tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
 
     def to_dict(self) -> dict:
+        """The fields as a new dict (``dataclasses.asdict``: tuples stay tuples)."""
         return dataclasses.asdict(self)
 
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns; losses are mean cross-entropies in nats.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory written.
+    steps : int
+        Optimiser steps taken.
+    best_validation_loss : float
+        Best loss on the fixed validation batches, the one checkpointed.
+    final_validation_loss : float
+        Loss of that best model on the whole validation split.
+    popularity_validation_loss : float
+        The add-one smoothed popularity baseline on the whole validation split.
+    history : list of dict
+        One record per evaluation (the lines of ``metrics.jsonl``).
+    seconds : float
+        Wall time from the start of the run to the end of training (reading and evaluations included,
+        the final whole-split evaluation not).
+    samples_per_second : float
+        Training samples (``steps * batch_size``) over ``seconds``.
+    example_user : str
+        A raw user id of the data, for the hint printed at the end.
+    """
+
     run_dir: Path
     steps: int
     best_validation_loss: float
@@ -79,6 +150,22 @@ class TrainResult:
 
 
 def load_table(cfg: TrainConfig) -> RatingsTable:
+    """Read the ratings ``cfg`` names: ``cfg.data`` with its column options, or the bundled anime data.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Uses ``data``, ``user_col``, ``item_col``, ``rating_col``, ``sep`` and ``header``.
+
+    Returns
+    -------
+    RatingsTable
+
+    Raises
+    ------
+    DataError
+        The file cannot be read as ratings; the message names the file, line and value.
+    """
     if cfg.data is None:
         return load_bundled_anime()
     return read_ratings(
@@ -92,7 +179,38 @@ def load_table(cfg: TrainConfig) -> RatingsTable:
 
 
 def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
-    """Train on ``table`` (default: read as ``cfg`` says); writes ``data.npz`` and the best ``model.pt``."""
+    """Train on ``table`` (default: read as ``cfg`` says); writes ``data.npz`` and the best ``model.pt``.
+
+    Every ``cfg.eval_every`` steps (and at the last step) the model is scored on fixed batches of the
+    training and validation splits; an improvement on validation is checkpointed, and training stops
+    after ``cfg.patience`` evaluations without one, or after ``max_steps`` / ``max_epochs``. The run
+    directory ``cfg.out`` appears with the first checkpoint and then holds ``data.npz``, ``model.pt``,
+    ``config.toml``, ``metrics.jsonl`` and ``curves.png``. The loss is read back to the host only at
+    evaluation time.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run's settings.
+    table : RatingsTable, optional
+        Ratings already in memory; ``None`` reads them as ``cfg`` says (:func:`load_table`).
+
+    Returns
+    -------
+    TrainResult
+        Losses of the best model, the evaluation history and throughput.
+
+    Raises
+    ------
+    TrainingDiverged
+        The validation loss stopped being finite.
+    DataError
+        The ratings cannot be read, or give an empty training or validation split.
+    BackendUnavailable
+        ``cfg.backend == "cuda"`` where CUDA cannot run.
+    ValueError
+        Invalid settings, e.g. split fractions that do not sum to 1 or an unknown backend.
+    """
     started = time.perf_counter()
     backend = get_backend(cfg.backend)
     if table is None:

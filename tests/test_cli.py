@@ -135,6 +135,8 @@ def test_info_reports_this_machine(capsys):
 
 
 def test_evaluate_scores_a_split_against_popularity(tmp_path, capsys):
+    import scipy.sparse as sp
+
     data = tmp_path / "ratings.csv"
     write_ratings(data)
     out = tmp_path / "run"
@@ -162,8 +164,8 @@ def test_evaluate_scores_a_split_against_popularity(tmp_path, capsys):
     capsys.readouterr()
     from gpu_ann.evaluate import evaluate_run
 
-    direct = evaluate_run(out, "test", backend="cpu")
-    assert main(["evaluate", "--checkpoint", str(out), "--split", "test", "--backend", "cpu"]) == 0
+    direct = evaluate_run(out, "test", backend="cpu", ks=(3, 10))
+    assert main(["evaluate", "--checkpoint", str(out), "--split", "test", "--backend", "cpu", "--ks", "3,10"]) == 0
     text = capsys.readouterr().out
     assert f"test split, {direct['samples']:,} samples" in text
     assert f"model loss       {direct['loss']:.4f}" in text
@@ -180,3 +182,39 @@ def test_evaluate_scores_a_split_against_popularity(tmp_path, capsys):
     expected = -np.log(counts[splits.test.item] / counts.sum()).mean()
     assert direct["popularity_loss"] == pytest.approx(expected)
     assert direct["samples"] == len(splits.test) == 48
+    # Popularity's ranking metrics against the slow per-user reference (same counts, ties by index).
+    from test_ranking import reference
+
+    seen = [set(splits.train.item[splits.train.user == u].tolist()) for u in range(table.n_users)]
+    held = [set(splits.test.item[splits.test.user == u].tolist()) for u in range(table.n_users)]
+    scores = np.tile(np.log(counts / counts.sum()), (table.n_users, 1))
+    want = reference(scores, seen, held, [3, 10], table.n_items)
+    for name, value in want.items():
+        assert direct["ranking"]["popularity"][name] == pytest.approx(value, abs=1e-9), name
+    # The model's: its scores on reference-built input rows (whole training rows), ranked by the reference.
+    import torch
+    from reference import assemble_reference
+
+    from gpu_ann.checkpoint import load_checkpoint
+    from gpu_ann.model import CandidateGenerator
+
+    train_csr = sp.csr_matrix(
+        (np.ones(len(splits.train)), (splits.train.user, splits.train.item)), shape=(table.n_users, table.n_items)
+    )
+    users = np.arange(table.n_users)
+    X, _ = assemble_reference(
+        train_csr.indptr, train_csr.indices, users, np.full(table.n_users, -1), users, table.n_items
+    )
+    model = CandidateGenerator(table.n_items, (8, 8, 8)).double()
+    model.load_state_dict(load_checkpoint(out).model_state)
+    with torch.no_grad():
+        model_scores = model(torch.from_numpy(X)).numpy()
+    want = reference(model_scores, seen, held, [3, 10], table.n_items)
+    for name, value in want.items():
+        assert direct["ranking"]["model"][name] == pytest.approx(value, abs=1e-9), name
+    row = next(line.split() for line in text.splitlines() if line.strip().startswith("recall@3 "))
+    assert row == [
+        "recall@3",
+        f"{direct['ranking']['model']['recall@3']:.4f}",
+        f"{direct['ranking']['popularity']['recall@3']:.4f}",
+    ]
