@@ -4,7 +4,7 @@ The stages, each importable on its own:
 
 =================  ====================================================================
 read               :func:`read_ratings`, :func:`load_bundled_anime` -> :class:`RatingsTable`
-split              :func:`random_split` -> :class:`Splits`
+split              :func:`make_split` (protocols), :func:`random_split` -> :class:`Splits`
 build the matrix   :class:`InteractionMatrix` (validated CSR on a backend, :func:`get_backend`)
 load batches       :class:`BatchLoader` (device-built ``(X, y)`` for any torch loop)
 build the model    :class:`CandidateGenerator`
@@ -26,7 +26,7 @@ from gpu_ann.loader import Batch, BatchLoader
 from gpu_ann.matrix import InteractionMatrix, MalformedMatrix
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.recommend import Recommender
-from gpu_ann.splits import Samples, Splits, random_split
+from gpu_ann.splits import Samples, Splits, make_split, random_split
 from gpu_ann.training import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "evaluate_run",
     "get_backend",
     "load_bundled_anime",
+    "make_split",
     "random_split",
     "read_ratings",
     "train",

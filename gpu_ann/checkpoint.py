@@ -82,7 +82,7 @@ def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> Non
     table : RatingsTable
         The data the run was trained on.
     assignment : numpy.ndarray
-        Split code (0/1/2) of each interaction, as :func:`gpu_ann.random_split` returns it.
+        Split code of each interaction (0 train, 1 validation, 2 test, 3 fold-in), as the protocols return it.
     """
     arrays = {
         "user": table.user,

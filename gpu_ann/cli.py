@@ -67,6 +67,10 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {shown})"
 
 
+def _checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpu-ann",
@@ -82,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the candidate generator; the best model is saved in --out.",
         formatter_class=_DefaultsFormatter,
     )
-    t.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
     d = t.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -99,7 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fractions,
         default=DEFAULTS.split,
         metavar="TRAIN,VAL,TEST",
-        help="random split fractions of the interactions",
+        help="split shares: of interactions (random), of each user's items (per-user) or of users (users)",
+    )
+    d.add_argument(
+        "--protocol",
+        choices=("random", "per-user", "leave-last", "users"),
+        default=DEFAULTS.protocol,
+        help="split protocol: random interactions; a share of each user's items; each user's last items by "
+        "timestamp; or whole held-out users with fold-in inputs",
+    )
+    d.add_argument(
+        "--min-user-items",
+        type=_positive,
+        default=DEFAULTS.min_user_items,
+        help="per-user: users with fewer items stay in training",
+    )
+    d.add_argument(
+        "--leave-last",
+        type=_positive,
+        default=DEFAULTS.leave_last,
+        help="leave-last: items per user in each of validation and test",
+    )
+    d.add_argument(
+        "--fold-in", type=float, default=DEFAULTS.fold_in, help="users: share of a held-out user's items used as input"
     )
     d.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split, the sampling and the weights")
     m = t.add_argument_group("model and optimisation")
@@ -148,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top-K items a user has not rated, with titles.",
         formatter_class=_DefaultsFormatter,
     )
-    rec.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
-    rec.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
+    _checkpoint_flag(rec)
     rec.add_argument("--user", required=True, metavar="ID", help="raw user id, as in the ratings file")
     rec.add_argument("-k", type=_positive, default=10, help="how many items")
     rec.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu", help="where to score")
@@ -160,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mean cross-entropy of the run's best model on a whole split, and of training popularity.",
         formatter_class=_DefaultsFormatter,
     )
-    ev.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
-    ev.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory written by gpu-ann train")
+    _checkpoint_flag(ev)
     ev.add_argument("--split", choices=("train", "validation", "test"), default="validation", help="which split")
     ev.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute")
     ev.add_argument("--batch-size", type=_positive, default=1024, help="rows per evaluation batch")
@@ -180,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         "not, and the GPU with its memory and CUDA versions.",
         formatter_class=_DefaultsFormatter,
     )
-    info.add_argument("--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.commands = {"train": t, "recommend": rec, "evaluate": ev, "info": info}  # for --config
+    for command in parser.commands.values():
+        command.add_argument(
+            "--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it"
+        )
     return parser
 
 

@@ -54,7 +54,8 @@ def evaluate_run(
     ckpt = load_checkpoint(Path(run_dir), table)
     splits = splits_from_assignment(table, assignment)
     b = get_backend(backend)
-    matrix = InteractionMatrix.from_pairs(b, splits.train.user, splits.train.item, table.n_users, table.n_items)
+    inputs = splits.inputs  # training plus fold-in rows (held-out users' known items)
+    matrix = InteractionMatrix.from_pairs(b, inputs.user, inputs.item, table.n_users, table.n_items)
     model = CandidateGenerator(table.n_items, tuple(ckpt.config["hidden"]))
     model.load_state_dict(ckpt.model_state)
     model.to(b.torch_device)
@@ -74,7 +75,7 @@ def evaluate_run(
 def _ranking(model, matrix, splits, split, table, ks, batch_size) -> dict:
     """Ranking metrics of the model and of popularity on one split (inputs: the training rows)."""
     device = matrix.backend.torch_device
-    seen = _host_csr(splits.train, table)
+    seen = _host_csr(splits.inputs, table)
     heldout = _host_csr(splits[split], table)
     users = np.arange(table.n_users, dtype=np.int32)
     # One sample per user whose target (-1) is no item: the kernel keeps the whole training row.

@@ -189,7 +189,7 @@ class BatchLoader(IterableDataset):
         if split not in SPLIT_NAMES:
             raise ValueError(f"unknown split {split!r}: expected one of {SPLIT_NAMES}")
         splits, _ = random_split(table, fractions, options.get("seed", 0))
-        train = splits.train
+        train = splits.inputs
         matrix = InteractionMatrix.from_pairs(
             get_backend(backend, device=device), train.user, train.item, table.n_users, table.n_items
         )

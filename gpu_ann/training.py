@@ -24,7 +24,7 @@ from gpu_ann.metrics import mean_loss, popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
-from gpu_ann.splits import random_split
+from gpu_ann.splits import make_split
 
 log = logging.getLogger("gpu_ann.training")
 
@@ -50,7 +50,15 @@ class TrainConfig:
     header : bool
         Whether a text file's first line holds column names.
     split : tuple of three floats
-        Train / validation / test fractions of the seeded random split.
+        Train / validation / test shares (of interactions, of each user's items, or of users, by protocol).
+    protocol : {"random", "per-user", "leave-last", "users"}
+        The split protocol, see :func:`gpu_ann.splits.make_split`.
+    min_user_items : int
+        ``per-user``: users with fewer interactions stay whole in training.
+    leave_last : int
+        ``leave-last``: interactions per user in each of validation and test.
+    fold_in : float
+        ``users``: share of a held-out user's items used as input.
     seed : int
         Seeds the split, the epoch orders, the evaluation batches and the model's initial weights.
     hidden : tuple of three ints
@@ -90,6 +98,10 @@ class TrainConfig:
     # split: the seed's seeded random 80/10/10 split of the interactions
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
+    protocol: str = "random"  # random | per-user | leave-last | users (gpu_ann.splits.make_split)
+    min_user_items: int = 5  # per-user: users with fewer items stay in training
+    leave_last: int = 1  # leave-last: items per user in each of validation and test
+    fold_in: float = 0.8  # users: share of a held-out user's items used as input
     # model and optimiser: the seed's MLP and Adam(1e-3)
     hidden: tuple[int, int, int] = (256, 512, 256)
     lr: float = 1e-3
@@ -217,7 +229,9 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         with stage("reading ratings"):
             table = load_table(cfg)
     with stage("splitting"):
-        splits, assignment = random_split(table, cfg.split, cfg.seed)
+        splits, assignment = make_split(
+            table, cfg.protocol, cfg.split, cfg.seed, cfg.min_user_items, cfg.leave_last, cfg.fold_in
+        )
     n_items = table.n_items
     log.info(
         "data %s: %d users, %d items, %s; %d train / %d validation / %d test samples; backend %s",
@@ -232,7 +246,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
     )
 
     with stage(f"building the matrix on {backend.name}"):
-        matrix = InteractionMatrix.from_pairs(backend, splits.train.user, splits.train.item, table.n_users, n_items)
+        inputs = splits.inputs  # training plus fold-in rows: only training rows give examples
+        matrix = InteractionMatrix.from_pairs(backend, inputs.user, inputs.item, table.n_users, n_items)
     loader = BatchLoader(matrix, splits.train, cfg.batch_size, replacement=cfg.sampling == "replacement", seed=cfg.seed)
     # Evaluation runs between steps, so it shares the training loader's buffers.
     buffers = loader.assembler.buffers

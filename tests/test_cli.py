@@ -45,11 +45,9 @@ def write_ratings(path, n_users=60, n_items=25, seed=0):
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_train_then_recommend_from_the_command_line(tmp_path, capsys):
-    data = tmp_path / "ratings.csv"
-    write_ratings(data)
-    out = tmp_path / "run"
-    code = main(
+def train_tiny(data, out, steps, eval_every):
+    """A few steps of the real command on a small synthetic CSV."""
+    return main(
         [
             "train",
             "--data",
@@ -63,13 +61,20 @@ def test_train_then_recommend_from_the_command_line(tmp_path, capsys):
             "--hidden",
             "8,8,8",
             "--max-steps",
-            "6",
+            str(steps),
             "--eval-every",
-            "3",
+            str(eval_every),
             "--eval-batches",
             "2",
         ]
     )
+
+
+def test_train_then_recommend_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "ratings.csv"
+    write_ratings(data)
+    out = tmp_path / "run"
+    code = train_tiny(data, out, steps=6, eval_every=3)
     assert code == 0
     printed = capsys.readouterr().out
     assert "validation loss (best model, whole split)" in printed and "popularity baseline loss" in printed
@@ -140,27 +145,7 @@ def test_evaluate_scores_a_split_against_popularity(tmp_path, capsys):
     data = tmp_path / "ratings.csv"
     write_ratings(data)
     out = tmp_path / "run"
-    main(
-        [
-            "train",
-            "--data",
-            str(data),
-            "--backend",
-            "cpu",
-            "--out",
-            str(out),
-            "--batch-size",
-            "32",
-            "--hidden",
-            "8,8,8",
-            "--max-steps",
-            "4",
-            "--eval-every",
-            "2",
-            "--eval-batches",
-            "2",
-        ]
-    )
+    train_tiny(data, out, steps=4, eval_every=2)
     capsys.readouterr()
     from gpu_ann.evaluate import evaluate_run
 

@@ -1,0 +1,115 @@
+"""The split protocols, each against hand-built expectations."""
+
+import numpy as np
+import pytest
+
+from gpu_ann.data.table import DataError, RatingsTable
+from gpu_ann.splits import FOLD_IN, TEST, TRAIN, VALIDATION, make_split, splits_from_assignment
+
+
+def table_with(counts, n_items=50, timestamps=False, seed=0):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+    items = np.concatenate([rng.choice(n_items, c, replace=False) for c in counts]).astype(np.int32)
+    ts = rng.permutation(len(users)).astype(np.int64) if timestamps else None
+    return RatingsTable(users, items, None, ts, np.arange(len(counts)), np.arange(n_items), None, source="t")
+
+
+def per_user_codes(table, assignment, u):
+    return np.bincount(assignment[table.user == u], minlength=4).tolist()
+
+
+def test_per_user_holds_out_a_share_of_each_eligible_users_items():
+    t = table_with([10, 20, 4, 5, 1])
+    splits, a = make_split(t, "per-user", (0.8, 0.1, 0.1), seed=3, min_items=5)
+    assert per_user_codes(t, a, 0) == [8, 1, 1, 0]
+    assert per_user_codes(t, a, 1) == [16, 2, 2, 0]
+    assert per_user_codes(t, a, 2) == [4, 0, 0, 0]  # fewer than 5 items: all in training
+    assert per_user_codes(t, a, 3) == [3, 1, 1, 0]  # round(0.5) = 0 -> at least 1
+    assert per_user_codes(t, a, 4) == [1, 0, 0, 0]
+    _, again = make_split(t, "per-user", (0.8, 0.1, 0.1), seed=3, min_items=5)
+    np.testing.assert_array_equal(a, again)
+    _, other = make_split(t, "per-user", (0.8, 0.1, 0.1), seed=4, min_items=5)
+    assert not np.array_equal(a, other)
+    assert len(splits.validation) == 1 + 2 + 1 and len(splits.fold_in) == 0
+
+
+def test_leave_last_takes_each_users_latest_items_by_timestamp():
+    t = table_with([6, 3, 2, 7], timestamps=True)
+    splits, a = make_split(t, "leave-last", leave_last=1)
+    for u in range(4):
+        mine = np.flatnonzero(t.user == u)
+        by_time = mine[np.argsort(t.timestamp[mine], kind="stable")]
+        if len(mine) >= 3:
+            assert a[by_time[-1]] == TEST and a[by_time[-2]] == VALIDATION
+            assert (a[by_time[:-2]] == TRAIN).all()
+        else:
+            assert (a[mine] == TRAIN).all()
+    _, a2 = make_split(t, "leave-last", leave_last=2)
+    assert per_user_codes(t, a2, 0) == [2, 2, 2, 0] and per_user_codes(t, a2, 1) == [3, 0, 0, 0]
+
+
+def test_leave_last_ties_keep_file_order_and_needs_timestamps():
+    t = table_with([4])
+    t.timestamp = np.array([5, 9, 9, 1], np.int64)
+    _, a = make_split(t, "leave-last")
+    assert a.tolist() == [TRAIN, VALIDATION, TEST, TRAIN]  # equal times: the later row is later
+    with pytest.raises(DataError, match="needs timestamps"):
+        make_split(table_with([5]), "leave-last")
+
+
+def test_held_out_users_are_kept_out_of_training_with_fold_in_inputs():
+    counts = [10] * 20 + [5] * 10
+    t = table_with(counts)
+    splits, a = make_split(t, "users", (0.8, 0.1, 0.1), seed=1, fold_in=0.8)
+    roles = {}
+    for u in range(len(counts)):
+        codes = set(a[t.user == u].tolist())
+        if codes == {TRAIN}:
+            roles[u] = "train"
+        else:
+            assert TRAIN not in codes
+            scored = VALIDATION if VALIDATION in codes else TEST
+            assert codes <= {FOLD_IN, scored}
+            n = counts[u]
+            assert per_user_codes(t, a, u)[FOLD_IN] == round(0.8 * n)
+            roles[u] = "validation" if scored == VALIDATION else "test"
+    assert sorted(roles.values()).count("train") == 24 and list(roles.values()).count("validation") == 3
+    inputs = splits.inputs
+    assert len(inputs) == len(splits.train) + len(splits.fold_in)
+    assert set(zip(splits.validation.user.tolist(), splits.validation.item.tolist())).isdisjoint(
+        zip(inputs.user.tolist(), inputs.item.tolist())
+    )
+    rebuilt = splits_from_assignment(t, a)
+    np.testing.assert_array_equal(rebuilt.fold_in.item, splits.fold_in.item)
+
+
+def test_unknown_protocol():
+    with pytest.raises(ValueError, match="unknown protocol 'odd'"):
+        make_split(table_with([5]), "odd")
+
+
+def test_training_and_ranking_under_the_held_out_users_protocol(tmp_path):
+    from gpu_ann.evaluate import evaluate_run
+    from gpu_ann.training import TrainConfig, train
+
+    t = table_with([12] * 60, n_items=40)
+    cfg = TrainConfig(
+        backend="cpu",
+        out=str(tmp_path),
+        protocol="users",
+        batch_size=32,
+        hidden=(8, 8, 8),
+        max_steps=4,
+        eval_every=2,
+        eval_batches=2,
+    )
+    result = train(cfg, t)
+    assert result.steps == 4
+    r = evaluate_run(tmp_path, "test", backend="cpu", ks=(5,))
+    assert r["ranking"]["model"]["users"] == 6  # 10% of 60 users, each with 12 - round(9.6) = 2 scored items
+    assert r["samples"] == 6 * 2
+    # A held-out user's fold-in items are its input and are excluded from its ranking: with them removed,
+    # recall@5 could not be computed on those items.
+    _, a = make_split(t, "users", (0.8, 0.1, 0.1), seed=0, fold_in=0.8)
+    assert np.bincount(a, minlength=4)[FOLD_IN] == 12 * 10
