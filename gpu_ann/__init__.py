@@ -19,6 +19,7 @@ Importing the package needs neither a GPU nor CuPy; the CUDA backend is loaded o
 __version__ = "0.1.0"
 
 from gpu_ann.backend import BackendUnavailable, get_backend
+from gpu_ann.baselines import EASE, Biases, Popularity
 from gpu_ann.data import DataError, RatingsTable
 from gpu_ann.data.readers import load_bundled_anime, read_ratings
 from gpu_ann.evaluate import evaluate_run
@@ -31,6 +32,9 @@ from gpu_ann.training import TrainConfig, TrainResult, train
 
 __all__ = [
     "BackendUnavailable",
+    "Biases",
+    "EASE",
+    "Popularity",
     "Batch",
     "BatchLoader",
     "CandidateGenerator",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ from gpu_ann.data.table import RatingsTable, ReadSummary
 FORMAT_VERSION = 1
 DATA_FILE = "data.npz"
 MODEL_FILE = "model.pt"
+STATE_FILE = "last.pt"  # everything needed to continue the run exactly (gpu-ann train --resume)
+# Test hook: seconds to wait between writing a checkpoint's temporary file and renaming it into place,
+# so that a test can kill the process in the middle of a write.
+PAUSE_ENV = "GPU_ANN_TEST_PAUSE_BEFORE_REPLACE"
 CONFIG_FILE = "config.toml"  # the effective config, readable by --config
 
 
@@ -43,6 +48,8 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(PAUSE_ENV):
+            time.sleep(float(os.environ[PAUSE_ENV]))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,6 +103,8 @@ def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> Non
     }
     if table.item_titles is not None:
         arrays["item_titles"] = table.item_titles
+    if table.rating is not None:
+        arrays["rating"] = table.rating  # for the bias baseline and explicit input modes
     _atomic_write(Path(run_dir) / DATA_FILE, lambda f: np.savez(f, **arrays))
 
 
@@ -126,7 +135,7 @@ def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
         table = RatingsTable(
             user=z["user"],
             item=z["item"],
-            rating=None,
+            rating=z["rating"] if "rating" in z.files else None,
             timestamp=None,
             user_ids=z["user_ids"],
             item_ids=z["item_ids"],
@@ -251,3 +260,97 @@ def load_checkpoint(run_dir: Path, table: RatingsTable | None = None) -> Checkpo
             f"but {table.source or 'the data'} has {fingerprint(table)} (other users or items)"
         )
     return ckpt
+
+
+@dataclass
+class ResumeState:
+    """Everything a run needs to continue as if it had never stopped, written at every evaluation.
+
+    Parameters
+    ----------
+    model_state, optimizer_state : dict
+        The current (not the best) weights and Adam's moments.
+    config : dict
+        The run's :class:`gpu_ann.TrainConfig` as a dict.
+    step, epoch, batch_in_epoch : int
+        Steps taken, the current epoch, and the batches of it already used (the sampler's position).
+    best_validation_loss : float
+        Early stopping: the best validation loss so far ...
+    bad_evals : int
+        ... and the evaluations since it improved.
+    history : list of dict
+        The evaluation records so far (the lines of ``metrics.jsonl``).
+    torch_rng : torch.Tensor
+        torch's CPU generator state; ``cuda_rng`` the CUDA generators' (or an empty list).
+    cuda_rng : list of torch.Tensor
+        See ``torch_rng``.
+    data_fingerprint : str
+        Of the run's id maps (:func:`fingerprint`).
+    finished : bool
+        The run ended (early stop or its limit); resuming it does nothing.
+    """
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    config: dict[str, Any]
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    best_validation_loss: float
+    bad_evals: int
+    history: list[dict]
+    torch_rng: torch.Tensor
+    cuda_rng: list
+    data_fingerprint: str
+    finished: bool = False
+
+
+def save_resume_state(run_dir: Path, state: ResumeState) -> None:
+    """Write ``last.pt`` atomically (tensors moved to the CPU).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+    state : ResumeState
+        What to write.
+    """
+    payload = {"format_version": FORMAT_VERSION, **{k: _to_cpu(v) for k, v in state.__dict__.items()}}
+    _atomic_write(Path(run_dir) / STATE_FILE, lambda f: torch.save(payload, f))
+
+
+def load_resume_state(run_dir: Path) -> ResumeState:
+    """Read ``last.pt`` without unpickling arbitrary objects.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+
+    Returns
+    -------
+    ResumeState
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, unreadable, or of another format version.
+    """
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (a run writes it at its first evaluation)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read safely ({exc.__class__.__name__}: {exc})") from exc
+    if payload.pop("format_version", None) != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by another gpu-ann format version")
+    return ResumeState(**payload)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete temporary files a killed writer left in ``run_dir``; returns their names."""
+    stale = [p for p in Path(run_dir).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return [p.name for p in stale]

@@ -1,9 +1,10 @@
-"""The ``gpu-ann`` command: ``train`` and ``recommend``."""
+"""The ``gpu-ann`` command: ``train``, ``recommend``, ``score``, ``evaluate`` and ``info``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from gpu_ann import __version__
@@ -32,6 +33,14 @@ def _hidden(text: str) -> tuple[int, int, int]:
     return parts
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = sorted(set(names) - {"biases", "ease"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline {unknown[0]!r}: choose from biases, ease")
+    return names
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(p) for p in text.split(","))
@@ -40,6 +49,15 @@ def _ints(text: str) -> tuple[int, ...]:
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: cut-offs must be positive")
     return values
+
+
+def _size(text: str) -> int:
+    """Bytes from ``2147483648``, ``500M``, ``4G`` (powers of 1000) or ``4GiB`` (powers of 1024)."""
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", text.strip().lower())
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 2147483648, 500M, 4G, 4GiB)")
+    scale = {None: 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+    return int(float(found.group(1)) * scale[found.group(2)])
 
 
 def _positive(text: str) -> int:
@@ -160,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.backend,
         help="auto = cuda when a usable GPU is found, else cpu",
     )
+    r.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR exactly where it stopped (its saved config is used; other flags ignored)",
+    )
     r.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard (needs tensorboard)")
     r.add_argument(
         "--out",
@@ -169,14 +192,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser(
         "recommend",
-        help="top items for a user of a trained run",
-        description="Print the top-K items a user has not rated, with titles.",
+        help="top items for a user of a trained run, or for a new user given as items",
+        description="Print the top-K items a user has not rated (--user), or the top-K for a new user who has "
+        "the given items (--items: no retraining), with titles. Equal scores go to the lower item index.",
         formatter_class=_DefaultsFormatter,
     )
     _checkpoint_flag(rec)
-    rec.add_argument("--user", required=True, metavar="ID", help="raw user id, as in the ratings file")
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="ID", help="raw user id, as in the ratings file")
+    who.add_argument(
+        "--items",
+        nargs="+",
+        metavar="ID_OR_TITLE",
+        help="a new user's items: raw item ids or exact titles (any case; quote titles with spaces)",
+    )
     rec.add_argument("-k", type=_positive, default=10, help="how many items")
     rec.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu", help="where to score")
+
+    sc = sub.add_parser(
+        "score",
+        help="top-K items of every user of a split to Parquet/CSV, optionally the full score matrix",
+        description="Score every user with items in --split (or --all-users) in batches and write their top-K "
+        "items, training items excluded, as rows user_id, rank, item_id, score (raw ids) to --out.",
+        formatter_class=_DefaultsFormatter,
+    )
+    _checkpoint_flag(sc)
+    sc.add_argument(
+        "--split", choices=("train", "validation", "test"), default="test", help="score the users with items here"
+    )
+    sc.add_argument("--all-users", action="store_true", help="score every user of the run instead")
+    sc.add_argument("-k", type=_positive, default=100, help="items per user")
+    sc.add_argument("--out", required=True, metavar="FILE", help="top-K file: .parquet or .csv (by extension)")
+    sc.add_argument(
+        "--matrix",
+        metavar="FILE.npy",
+        help="also the users x items float32 score matrix (training items -inf), with FILE.users.txt and "
+        "FILE.items.txt naming its rows and columns",
+    )
+    sc.add_argument(
+        "--max-matrix-bytes",
+        type=_size,
+        default=2 * 1024**3,
+        metavar="BYTES",
+        help="refuse a larger --matrix; takes 500M, 4G, 4GiB (default: 2 GiB)",
+    )
+    sc.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="where to score")
+    sc.add_argument("--batch-size", type=_positive, default=1024, help="users per batch")
 
     ev = sub.add_parser(
         "evaluate",
@@ -195,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K,K,...",
         help="cut-offs of the ranking metrics (recall, NDCG, ...); see gpu_ann.ranking",
     )
+    ev.add_argument(
+        "--baselines",
+        type=_names,
+        default=(),
+        metavar="NAME,...",
+        help="also rank with these baselines: biases (needs ratings), ease",
+    )
 
     info = sub.add_parser(
         "info",
@@ -204,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
     )
     info.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.commands = {"train": t, "recommend": rec, "evaluate": ev, "info": info}  # for --config
+    parser.commands = {"train": t, "recommend": rec, "score": sc, "evaluate": ev, "info": info}  # for --config
     for command in parser.commands.values():
         command.add_argument(
             "--config", metavar="FILE", help="TOML file of options (flag names as keys); flags override it"
@@ -221,17 +289,23 @@ def _train(args: argparse.Namespace) -> int:
     from gpu_ann.config import to_toml
     from gpu_ann.training import train
 
-    cfg = _train_config(args)
-    print("gpu-ann train, effective config (saved as config.toml in the run directory):")
-    print(to_toml(cfg.to_dict(), "train"), end="")
-    result = train(cfg)
+    if args.resume:
+        from gpu_ann.training import resume_run
+
+        print(f"gpu-ann train: resuming {args.resume} with its saved config")
+        result = resume_run(args.resume)
+    else:
+        cfg = _train_config(args)
+        print("gpu-ann train, effective config (saved as config.toml in the run directory):")
+        print(to_toml(cfg.to_dict(), "train"), end="")
+        result = train(cfg)
     verdict = "below" if result.final_validation_loss < result.popularity_validation_loss else "NOT below"
     steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
     print(
         f"done in {result.seconds:.0f} s, {steps}, "
         f"{result.samples_per_second:,.0f} training samples/s (evaluation and start-up included)\n"
         f"validation loss (best model, whole split): {result.final_validation_loss:.4f}  "
-        f"(the log lines average {cfg.eval_batches} fixed batches)\n"
+        f"(the log lines average {result.config.eval_batches} fixed batches)\n"
         f"popularity baseline loss (same split):     {result.popularity_validation_loss:.4f}  ({verdict}; "
         f"training counts, add-one smoothed)\n"
         f"checkpoint: {result.run_dir}  "
@@ -244,18 +318,44 @@ def _recommend(args: argparse.Namespace) -> int:
     from gpu_ann.recommend import Recommender
 
     rec = Recommender(args.checkpoint, backend=args.backend)
-    items = rec.for_user(args.user, args.k)
-    print(f"top {len(items)} for user {args.user} (excluding the items the user rated):")
+    if args.items is not None:
+        items = rec.for_items(args.items, args.k)
+        print(f"top {len(items)} for a new user with {len(args.items)} given item(s) (excluding them):")
+    else:
+        items = rec.for_user(args.user, args.k)
+        print(f"top {len(items)} for user {args.user} (excluding the items the user rated):")
     width = max(len(str(r.item_id)) for r in items) if items else 0
     for r in items:
         print(f"{r.rank:3d}. {str(r.item_id):>{width}}  {r.title}")
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from gpu_ann.scoring import score_run
+
+    s = score_run(
+        args.checkpoint,
+        args.out,
+        k=args.k,
+        split=args.split,
+        all_users=args.all_users,
+        matrix=args.matrix,
+        max_matrix_bytes=args.max_matrix_bytes,
+        backend=args.backend,
+        batch_size=args.batch_size,
+    )
+    who = "all users" if args.all_users else f"users with {args.split} items"
+    print(f"scored {s.users:,} users ({who}) in {s.seconds:.1f} s")
+    print(f"top-{args.k}: {s.rows:,} rows (user_id, rank, item_id, score) -> {s.out}")
+    if s.matrix is not None:
+        print(f"score matrix: {s.users:,} x {s.items:,} float32 -> {s.matrix} (ids: {', '.join(map(str, s.id_files))})")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from gpu_ann.evaluate import evaluate_run
 
-    r = evaluate_run(args.checkpoint, args.split, args.backend, args.batch_size, args.ks)
+    r = evaluate_run(args.checkpoint, args.split, args.backend, args.batch_size, args.ks, args.baselines)
     print(f"{r['split']} split, {r['samples']:,} samples")
     print(f"  model loss       {r['loss']:.4f}")
     print(f"  popularity loss  {r['popularity_loss']:.4f}  (training counts, add-one smoothed)")
@@ -264,10 +364,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"ranking over {ranking['model']['users']:,} users with {r['split']} items "
         "(training items excluded; definitions: gpu_ann.ranking)"
     )
-    print(f"  {'metric':<16}{'model':>10}{'popularity':>12}")
-    for name in ranking["model"]:
-        if name != "users":
-            print(f"  {name:<16}{ranking['model'][name]:>10.4f}{ranking['popularity'][name]:>12.4f}")
+    print("  " + f"{'metric':<18}" + "".join(f"{name:>12}" for name in ranking))
+    for metric in ranking["model"]:
+        if metric != "users":
+            print("  " + f"{metric:<18}" + "".join(f"{values[metric]:>12.4f}" for values in ranking.values()))
     return 0
 
 
@@ -306,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_ann.config import ConfigError
     from gpu_ann.data.table import DataError
     from gpu_ann.recommend import UnknownId
+    from gpu_ann.scoring import ScoringError
     from gpu_ann.training import TrainingDiverged
 
     try:
@@ -319,9 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        commands = {"train": _train, "recommend": _recommend, "evaluate": _evaluate, "info": _info}
+        commands = {"train": _train, "recommend": _recommend, "score": _score, "evaluate": _evaluate, "info": _info}
         return commands[args.command](args)
-    except (DataError, CheckpointError, BackendUnavailable, UnknownId, TrainingDiverged) as exc:
+    except (DataError, CheckpointError, BackendUnavailable, UnknownId, ScoringError, TrainingDiverged) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
         print(f"gpu-ann {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -9,13 +9,14 @@ import scipy.sparse as sp
 import torch
 
 from gpu_ann.backend import get_backend
+from gpu_ann.baselines import EASE, Biases
 from gpu_ann.batching import BatchAssembler, FixedBatches
 from gpu_ann.checkpoint import load_checkpoint, load_data
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.metrics import mean_loss, popularity_log_probs, popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.ranking import evaluate_scores
-from gpu_ann.splits import SPLIT_NAMES, Samples, splits_from_assignment
+from gpu_ann.splits import FOLD_IN, SPLIT_NAMES, TRAIN, Samples, splits_from_assignment
 
 
 def evaluate_run(
@@ -24,6 +25,7 @@ def evaluate_run(
     backend: str = "auto",
     batch_size: int = 1024,
     ks: tuple[int, ...] = (),
+    baselines: tuple[str, ...] = (),
 ) -> dict:
     """Mean cross-entropy of a run's best model on a whole split, next to the popularity baseline's.
 
@@ -39,6 +41,9 @@ def evaluate_run(
         Rows per evaluation batch.
     ks : tuple of int
         Cut-offs for ranking metrics (see :mod:`gpu_ann.ranking`); none by default.
+    baselines : tuple of str
+        Extra baselines ranked beside the model and popularity: ``"biases"`` (needs ratings) and/or
+        ``"ease"`` (see :mod:`gpu_ann.baselines`); fitted on the run's input interactions.
 
     Returns
     -------
@@ -68,12 +73,12 @@ def evaluate_run(
         "popularity_loss": popularity_loss(splits.train.item, splits[split].item, table.n_items),
     }
     if ks:
-        result["ranking"] = _ranking(model, matrix, splits, split, table, ks, batch_size)
+        result["ranking"] = _ranking(model, matrix, splits, split, table, ks, batch_size, assignment, baselines)
     return result
 
 
-def _ranking(model, matrix, splits, split, table, ks, batch_size) -> dict:
-    """Ranking metrics of the model and of popularity on one split (inputs: the training rows)."""
+def _ranking(model, matrix, splits, split, table, ks, batch_size, assignment, baselines) -> dict:
+    """Ranking metrics of the model, popularity and the asked-for baselines on one split."""
     device = matrix.backend.torch_device
     seen = _host_csr(splits.inputs, table)
     heldout = _host_csr(splits[split], table)
@@ -91,9 +96,23 @@ def _ranking(model, matrix, splits, split, table, ks, batch_size) -> dict:
     def popularity_scores(batch_users):
         return popular.expand(len(batch_users), -1)
 
+    scorers = {"model": model_scores, "popularity": popularity_scores}
+    # Baselines learn from what the model's inputs hold: training rows plus held-out users' fold-in rows.
+    known = (assignment == TRAIN) | (assignment == FOLD_IN)
+    users_k, items_k = table.user[known], table.item[known]
+    for name in baselines:
+        if name == "biases":
+            if table.rating is None:
+                raise ValueError(f"{table.source}: the biases baseline needs ratings, and this data has none")
+            fitted = Biases().fit(users_k, items_k, table.rating[known], table.n_users, table.n_items, matrix.backend)
+        elif name == "ease":
+            fitted = EASE().fit(users_k, items_k, table.n_users, table.n_items, matrix.backend)
+        else:
+            raise ValueError(f"unknown baseline {name!r}: expected 'biases' or 'ease'")
+        scorers[name] = fitted.score_batch
     return {
         name: evaluate_scores(scorer, table.n_users, table.n_items, seen, heldout, ks, device, batch_size)
-        for name, scorer in (("model", model_scores), ("popularity", popularity_scores))
+        for name, scorer in scorers.items()
     }
 
 

@@ -116,6 +116,7 @@ class BatchLoader(IterableDataset):
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
+        self.start_batch = 0  # where the next iteration starts within its epoch (resuming a run)
 
     @classmethod
     def from_csr(
@@ -217,15 +218,19 @@ class BatchLoader(IterableDataset):
         n, b = self.n_samples, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch the next iteration runs.
 
         Parameters
         ----------
         epoch : int
             Its order is seeded by ``[seed, epoch]``, so every rank of a distributed run agrees on it.
+        start_batch : int
+            Skip the epoch's first batches (resuming mid-epoch): the order is the same, so the batches
+            that follow are the ones an uninterrupted run would see.
         """
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample indices of one epoch, in order, on the host.
@@ -253,7 +258,8 @@ class BatchLoader(IterableDataset):
         if get_worker_info() is not None:
             raise RuntimeError("gpu_ann BatchLoader builds batches on the device itself: use num_workers=0")
         order = assembler.to_device_indices(self.epoch_order(self.epoch))  # one host-device copy per epoch
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first, self.start_batch = self.start_batch * self.batch_size, 0
+        for start in range(first, len(self) * self.batch_size, self.batch_size):
             yield Batch(*assembler.assemble(order[start : start + self.batch_size]))
         self.epoch += 1
 

@@ -53,6 +53,14 @@ class RunLog:
         if self._tensorboard:
             self._write_tensorboard(record)
 
+    def restore(self, records: list[dict]) -> None:
+        """Continue a resumed run: keep exactly the records up to its state, dropping any that a killed
+        process wrote after its last saved state (they will be written again)."""
+        self.records = list(records)
+        tmp = self.run_dir / f".{METRICS_FILE}.tmp"
+        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(self.run_dir / METRICS_FILE)
+
     def start_fresh(self) -> None:
         """A new run in this directory: forget an earlier run's lines."""
         (self.run_dir / METRICS_FILE).unlink(missing_ok=True)

@@ -15,7 +15,19 @@ from tqdm.auto import tqdm
 
 from gpu_ann.backend import get_backend
 from gpu_ann.batching import FixedBatches
-from gpu_ann.checkpoint import Checkpoint, fingerprint, load_checkpoint, save_checkpoint, save_data
+from gpu_ann.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    ResumeState,
+    fingerprint,
+    load_checkpoint,
+    load_data,
+    load_resume_state,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_data,
+    save_resume_state,
+)
 from gpu_ann.data.readers import load_bundled_anime, read_ratings
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.loader import BatchLoader
@@ -24,7 +36,7 @@ from gpu_ann.metrics import mean_loss, popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
-from gpu_ann.splits import make_split
+from gpu_ann.splits import make_split, splits_from_assignment
 
 log = logging.getLogger("gpu_ann.training")
 
@@ -148,6 +160,8 @@ class TrainResult:
         Training samples (``steps * batch_size``) over ``seconds``.
     example_user : str
         A raw user id of the data, for the hint printed at the end.
+    config : TrainConfig
+        The settings the run used.
     """
 
     run_dir: Path
@@ -159,6 +173,7 @@ class TrainResult:
     seconds: float = 0.0
     samples_per_second: float = 0.0  # training samples over the whole run's time, evaluation included
     example_user: str = ""  # a raw user id of the data, for the hint printed at the end
+    config: TrainConfig | None = None  # the settings the run used
 
 
 def load_table(cfg: TrainConfig) -> RatingsTable:
@@ -190,7 +205,7 @@ def load_table(cfg: TrainConfig) -> RatingsTable:
     )
 
 
-def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
+def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> TrainResult:
     """Train on ``table`` (default: read as ``cfg`` says); writes ``data.npz`` and the best ``model.pt``.
 
     Every ``cfg.eval_every`` steps (and at the last step) the model is scored on fixed batches of the
@@ -206,6 +221,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         The run's settings.
     table : RatingsTable, optional
         Ratings already in memory; ``None`` reads them as ``cfg`` says (:func:`load_table`).
+    resume : (ResumeState, numpy.ndarray), optional
+        Internal to :func:`resume_run`: the state to continue from and the run's stored split.
 
     Returns
     -------
@@ -228,10 +245,14 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
     if table is None:
         with stage("reading ratings"):
             table = load_table(cfg)
-    with stage("splitting"):
-        splits, assignment = make_split(
-            table, cfg.protocol, cfg.split, cfg.seed, cfg.min_user_items, cfg.leave_last, cfg.fold_in
-        )
+    if resume is not None:
+        state, assignment = resume
+        splits = splits_from_assignment(table, assignment)
+    else:
+        with stage("splitting"):
+            splits, assignment = make_split(
+                table, cfg.protocol, cfg.split, cfg.seed, cfg.min_user_items, cfg.leave_last, cfg.fold_in
+            )
     n_items = table.n_items
     log.info(
         "data %s: %d users, %d items, %s; %d train / %d validation / %d test samples; backend %s",
@@ -266,10 +287,43 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
 
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
     best, bad_evals, step, history = math.inf, 0, 0, []
+    epoch, batch_in_epoch = 0, 0
     run_log = RunLog(run_dir, popularity, cfg.tensorboard)
-    bar = tqdm(total=max_steps, unit="step", desc="train", disable=None, dynamic_ncols=True)
-    stop = step >= max_steps
-    since = {"step": 0, "time": time.perf_counter()}  # training throughput between evaluations
+    if resume is not None:
+        model.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        torch.set_rng_state(state.torch_rng)
+        if state.cuda_rng and backend.name == "cuda":
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        best, bad_evals, step, history = state.best_validation_loss, state.bad_evals, state.step, list(state.history)
+        epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
+        run_log.restore(history)
+        log.info("resuming %s at step %d (epoch %d, batch %d)", run_dir, step, epoch, batch_in_epoch)
+    bar = tqdm(total=max_steps, initial=step, unit="step", desc="train", disable=None, dynamic_ncols=True)
+    stop = step >= max_steps or (resume is not None and state.finished)
+    since = {"step": step, "time": time.perf_counter()}  # training throughput between evaluations
+
+    def save_state(finished: bool = False) -> None:
+        """``last.pt``: the current weights, optimiser, sampler position, RNGs and early-stopping state."""
+        cuda_rng = torch.cuda.get_rng_state_all() if backend.name == "cuda" else []
+        save_resume_state(
+            run_dir,
+            ResumeState(
+                model.state_dict(),
+                optimizer.state_dict(),
+                cfg.to_dict(),
+                step,
+                epoch,
+                batch_in_epoch,
+                best,
+                bad_evals,
+                history,
+                torch.get_rng_state(),
+                cuda_rng,
+                data_fp,
+                finished,
+            ),
+        )
 
     def evaluate(epoch: int) -> bool:
         """Log losses, checkpoint an improvement; True when patience has run out."""
@@ -306,6 +360,7 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         history.append(record)
         if best < math.inf:  # the run directory exists once the first checkpoint is written
             run_log.write(record)
+            save_state()
         since.update(step=step, time=time.perf_counter())
         bar.write(
             f"step {step:6d}  epoch {epoch}  train loss {losses['train']:.4f}  "
@@ -314,15 +369,15 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         )
         return bad_evals >= cfg.patience
 
-    epoch = 0
     while not stop:
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, start_batch=batch_in_epoch)
         for X, y in loader:
             loss = F.cross_entropy(model(X), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
+            batch_in_epoch += 1
             bar.update()
             if step % cfg.eval_every == 0 or step == max_steps:
                 bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
@@ -330,7 +385,10 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
             if stop or step >= max_steps:
                 stop = True
                 break
-        epoch += 1
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    if history:
+        save_state(finished=True)
     bar.close()
     run_log.close()
     seconds = time.perf_counter() - started
@@ -350,4 +408,41 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None) -> TrainResult:
         seconds=seconds,
         samples_per_second=step * cfg.batch_size / seconds if seconds else 0.0,
         example_user=str(table.user_ids[0]),
+        config=cfg,
     )
+
+
+def resume_run(run_dir: str | Path) -> TrainResult:
+    """Continue the run in ``run_dir`` from its ``last.pt`` exactly where it stopped.
+
+    The data and split come from the run's ``data.npz``, the settings from its saved config; with the
+    same backend the result is the one the uninterrupted run would have given (bit-identical on the
+    CPU). Temporary files a killed writer left behind are removed first.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run directory with ``last.pt``, ``data.npz`` and ``model.pt``.
+
+    Returns
+    -------
+    TrainResult
+        As :func:`train`; for a finished run, training does no further step.
+
+    Raises
+    ------
+    CheckpointError
+        Files missing, unreadable, or from other data.
+    """
+    run_dir = Path(run_dir)
+    stale = remove_stale_temporaries(run_dir) if run_dir.is_dir() else []
+    if stale:
+        log.info("removed temporary files of an interrupted write: %s", ", ".join(stale))
+    state = load_resume_state(run_dir)
+    table, assignment = load_data(run_dir)
+    if state.data_fingerprint != fingerprint(table):
+        raise CheckpointError(f"{run_dir}: last.pt and data.npz come from different data")
+    # TOML-free round trip: the saved dict holds lists where the config has tuples.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.config.items()}
+    cfg = dataclasses.replace(TrainConfig(**values), out=str(run_dir))
+    return train(cfg, table, resume=(state, assignment))

@@ -220,6 +220,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file_whole(tmp_path, monke
         "config.toml",
         "curves.png",
         "data.npz",
+        "last.pt",
         "metrics.jsonl",
         "model.pt",
     ]

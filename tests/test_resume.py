@@ -1,0 +1,127 @@
+"""Resume: a run killed with SIGKILL, between or during checkpoint writes, ends bit-identical."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_ann.checkpoint import PAUSE_ENV, load_resume_state
+
+ARGS = [
+    "--backend",
+    "cpu",
+    "--batch-size",
+    "16",
+    "--hidden",
+    "16,16,16",
+    "--max-steps",
+    "60",
+    "--eval-every",
+    "5",
+    "--eval-batches",
+    "2",
+    "--patience",
+    "100",
+    "--seed",
+    "7",
+]
+
+
+@pytest.fixture(scope="module")
+def ratings(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "ratings.csv"
+    rng = np.random.default_rng(0)
+    lines = ["user,item,rating"] + [
+        f"u{u},i{i},{rng.integers(1, 6)}" for u in range(80) for i in rng.choice(40, size=10, replace=False)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def gpu_ann(*args, env=None, **kw):
+    command = [sys.executable, "-m", "gpu_ann", "train", *args]
+    return subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ratings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return out
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()}"
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def state_step(out: Path) -> int:
+    try:
+        return load_resume_state(out).step
+    except Exception:
+        return -1
+
+
+def assert_same_run(a: Path, b: Path):
+    sa, sb = load_resume_state(a), load_resume_state(b)
+    assert sa.finished and sb.finished and sa.step == sb.step == 60
+    for name, tensor in sa.model_state.items():
+        assert torch.equal(tensor, sb.model_state[name]), name  # bit-identical weights
+    assert [r["validation_loss"] for r in sa.history] == [r["validation_loss"] for r in sb.history]
+    assert (a / "metrics.jsonl").read_text().count("\n") == (b / "metrics.jsonl").read_text().count("\n") == 12
+    assert torch.equal(
+        torch.load(a / "model.pt", weights_only=True)["model_state"]["out.weight"],
+        torch.load(b / "model.pt", weights_only=True)["model_state"]["out.weight"],
+    )
+
+
+@pytest.mark.slow
+def test_killed_between_checkpoint_writes_then_resumed(ratings, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS)
+    wait_for(lambda: state_step(out) >= 20, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_resume_state(out).step < 60
+    resumed = gpu_ann("--resume", str(out))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_killed_during_a_checkpoint_write_then_resumed(ratings, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    # Each checkpoint file waits 0.3 s between its temporary file and the rename: kill in that window.
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS, env={PAUSE_ENV: "0.3"})
+    wait_for(lambda: state_step(out) >= 10 and any(out.glob(".last.pt.*.tmp")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(out.glob(".*.tmp"))  # the write really was cut short
+    load_resume_state(out)  # the previous state is whole
+    resumed = gpu_ann("--resume", str(out))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert not any(out.glob(".*.tmp"))
+    assert_same_run(uninterrupted, out)
+
+
+def test_resuming_a_finished_run_takes_no_step(uninterrupted):
+    before = load_resume_state(uninterrupted)
+    proc = gpu_ann("--resume", str(uninterrupted))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    after = load_resume_state(uninterrupted)
+    assert after.step == before.step == 60
+    assert all(torch.equal(before.model_state[k], after.model_state[k]) for k in before.model_state)
