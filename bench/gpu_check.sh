@@ -2,7 +2,7 @@
 # The one-call GPU check (about 5 minutes expected, at most 10.5 by its timeouts). On a machine with one NVIDIA GPU that already has
 # torch, cupy, numba and numba-cuda, and no network:
 #   1. installs gpu-ann in place (no dependencies, no build isolation);
-#   2. runs the gpu-marked tests;
+#   2. records `gpu-ann info` (backends, device, CUDA versions) and runs the gpu-marked tests;
 #   3. runs compute-sanitizer memcheck on a kernel workload (skipped, and said so, where it is missing);
 #   4. trains one epoch on the bundled anime data with --backend cuda;
 #   5. runs the benchmarks at sizes that fill the chip (MyAnimeList-2020 scale, a 100k catalogue);
@@ -27,6 +27,9 @@ python3 -c "import sys, torch, numba, cupy, numba_cuda; print('python', sys.vers
 if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
   note "install FAILED:"; tail -n 20 "$OUT/install.log"; exit 1
 fi
+
+python3 -m gpu_ann info >"$OUT/info.txt" 2>&1
+note "gpu-ann info (exit $?):"; sed -n '/^backends/,$p' "$OUT/info.txt" | sed 's/^/  /' | tee -a "$summary"
 
 timeout 120 python3 -m pytest -m gpu -v -p no:cacheprovider >"$OUT/gpu-tests.log" 2>&1
 rc=$?; [ $rc -eq 0 ] || status=1

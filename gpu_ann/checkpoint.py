@@ -288,6 +288,8 @@ class ResumeState:
         Of the run's id maps (:func:`fingerprint`).
     finished : bool
         The run ended (early stop or its limit); resuming it does nothing.
+    elapsed_s : float
+        Seconds the run had taken, so a resumed run's times and throughput continue from there.
     """
 
     model_state: dict[str, torch.Tensor]
@@ -303,6 +305,7 @@ class ResumeState:
     cuda_rng: list
     data_fingerprint: str
     finished: bool = False
+    elapsed_s: float = 0.0
 
 
 def save_resume_state(run_dir: Path, state: ResumeState) -> None:

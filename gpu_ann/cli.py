@@ -286,11 +286,17 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from gpu_ann.config import to_toml
+    from gpu_ann.config import ConfigError, to_toml
     from gpu_ann.training import train
 
     if args.resume:
         from gpu_ann.training import resume_run
+
+        changed = [
+            f"--{k.replace('_', '-')}" for k, v in vars(_train_config(args)).items() if v != getattr(DEFAULTS, k)
+        ]
+        if changed:
+            raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(changed)}")
 
         print(f"gpu-ann train: resuming {args.resume} with its saved config")
         result = resume_run(args.resume)
@@ -422,7 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "recommend": _recommend, "score": _score, "evaluate": _evaluate, "info": _info}
         return commands[args.command](args)
-    except (DataError, CheckpointError, BackendUnavailable, UnknownId, ScoringError, TrainingDiverged) as exc:
+    except (
+        DataError,
+        CheckpointError,
+        BackendUnavailable,
+        UnknownId,
+        ScoringError,
+        TrainingDiverged,
+        ConfigError,
+    ) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
         print(f"gpu-ann {args.command}: error: {message}", file=sys.stderr)
         return 2

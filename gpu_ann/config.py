@@ -99,8 +99,11 @@ def config_to_argv(values: dict[str, Any], parser: argparse.ArgumentParser, sour
             if value == isinstance(action, argparse._StoreTrueAction):
                 argv.append(flag)
             continue
+        if isinstance(value, list) and action.nargs in ("+", "*"):
+            argv += [flag, *(str(v) for v in value)]  # one token per element (e.g. recommend --items)
+            continue
         if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
+            value = ",".join(str(v) for v in value)  # the comma-separated flags (--split, --hidden)
         argv += [flag, str(value)]
     return argv
 

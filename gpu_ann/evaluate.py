@@ -55,6 +55,11 @@ def evaluate_run(
     """
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLIT_NAMES}")
+    if ks and split == "train":
+        raise ValueError(
+            "ranking metrics on the training split would exclude every held-out item (training "
+            "items are masked): rank on validation or test"
+        )
     table, assignment = load_data(Path(run_dir))
     ckpt = load_checkpoint(Path(run_dir), table)
     splits = splits_from_assignment(table, assignment)

@@ -229,6 +229,8 @@ class BatchLoader(IterableDataset):
             Skip the epoch's first batches (resuming mid-epoch): the order is the same, so the batches
             that follow are the ones an uninterrupted run would see.
         """
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
         self.epoch = epoch
         self.start_batch = start_batch
 

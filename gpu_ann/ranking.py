@@ -34,7 +34,8 @@ def rows_mask(
 ) -> torch.Tensor:
     """A dense ``[len(users), n_items]`` bool mask of the users' CSR rows, built on ``device``.
 
-    The row offsets are read on the host (no device sync); one copy of the selected indices goes to the device.
+    The row offsets are read on the host; the selected indices are copied to the device once (from
+    pageable memory, so the host waits for that copy).
     """
     starts = indptr[users].astype(np.int64)
     lengths = (indptr[users + 1] - starts).astype(np.int64)
@@ -76,8 +77,11 @@ class RankingMetrics:
         keep = heldout.any(dim=1)  # only users with held-out items count
         if not bool(keep.any()):  # host-device sync, once per batch
             return
+        # Boolean indexing sizes its result on the host: three more syncs, once per batch.
         scores, seen, heldout = scores[keep], seen[keep], heldout[keep]
-        masked = scores.float().masked_fill(seen, float("-inf"))
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()  # float64 scores (baselines) stay float64: no ties that are not there
+        masked = scores.masked_fill(seen, float("-inf"))
         k = min(self.kmax, self.n_items)
         # A stable descending sort ranks equal scores by the lower item index: deterministic ties.
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
@@ -98,7 +102,7 @@ class RankingMetrics:
                 (first_hit > 0) & (first_hit <= K), 1.0 / first_hit.double(), 0.0
             ).sum()
             self.sums[f"ndcg@{K}"] += (dcg / idcg).sum()
-            rec = order[:, :K][valid[:, :K]]
+            rec = order[:, :K][valid[:, :K]]  # boolean indexing: a host-device sync per K
             self.recommended[K][rec] = True
         self.users += int(keep.sum())  # host-device sync, once per batch
 

@@ -138,8 +138,9 @@ def per_user_split(table: RatingsTable, fractions=(0.8, 0.1, 0.1), min_items: in
     """
     fractions = _fractions(fractions)
     rank, count = _rank_within_user(table, np.random.default_rng(seed).random(table.nnz))
-    n_test = _share(count, fractions[2])
-    n_val = _share(count, fractions[1])
+    # At least one item stays in training, whatever the shares and min_items.
+    n_test = np.minimum(_share(count, fractions[2]), count - 1)
+    n_val = np.minimum(_share(count, fractions[1]), count - 1 - n_test)
     eligible = count >= min_items
     assignment = np.full(table.nnz, TRAIN, dtype=np.uint8)
     assignment[eligible & (rank >= count - n_test - n_val)] = VALIDATION
@@ -219,7 +220,8 @@ def user_split(table: RatingsTable, fractions=(0.8, 0.1, 0.1), fold_in: float = 
     role[users[n_train : n_train + n_val]] = VALIDATION
     rank, count = _rank_within_user(table, rng.random(table.nnz))
     assignment = role[table.user]
-    known = (assignment != TRAIN) & (rank < np.rint(count * fold_in))
+    # At least one item of every held-out user is left to score.
+    known = (assignment != TRAIN) & (rank < np.minimum(np.rint(count * fold_in), count - 1))
     assignment[known] = FOLD_IN
     return _finish(table, assignment, f"held-out users (fold-in {fold_in:g})")
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from gpu_ann.backend import get_backend
 from gpu_ann.batching import FixedBatches
 from gpu_ann.checkpoint import (
+    STATE_FILE,
     Checkpoint,
     CheckpointError,
     ResumeState,
@@ -297,6 +298,7 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
             torch.cuda.set_rng_state_all(state.cuda_rng)
         best, bad_evals, step, history = state.best_validation_loss, state.bad_evals, state.step, list(state.history)
         epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
+        started -= state.elapsed_s  # times and throughput continue from the interrupted run
         run_log.restore(history)
         log.info("resuming %s at step %d (epoch %d, batch %d)", run_dir, step, epoch, batch_in_epoch)
     bar = tqdm(total=max_steps, initial=step, unit="step", desc="train", disable=None, dynamic_ncols=True)
@@ -322,6 +324,7 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
                 cuda_rng,
                 data_fp,
                 finished,
+                time.perf_counter() - started,
             ),
         )
 
@@ -338,6 +341,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         if improved:
             best, bad_evals = losses["validation"], 0
             if not history:  # the first checkpoint: the run directory appears only now, complete
+                # An earlier run's state in this directory must never be resumed on this run's data.
+                (run_dir / STATE_FILE).unlink(missing_ok=True)
                 save_data(run_dir, table, assignment)
                 run_log.start_fresh()
             save_checkpoint(

@@ -70,3 +70,15 @@ def test_unknown_keys_bad_values_and_missing_files_are_clear_errors(tmp_path, ca
         parse_args(["train", "--config", str(path)])
     with pytest.raises(ConfigError, match="config file not found"):
         parse_args(["train", "--config", str(tmp_path / "none.toml")])
+
+
+def test_list_values_of_multi_value_flags_stay_separate(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[recommend]\ncheckpoint = "runs/x"\nitems = ["Naruto", "Death Note"]\n')
+    assert parse_args(["recommend", "--config", str(path)]).items == ["Naruto", "Death Note"]
+
+
+def test_resume_refuses_other_training_flags(capsys, tmp_path):
+    assert main(["train", "--resume", str(tmp_path), "--max-steps", "5", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues a run with its saved config; drop --lr, --max-steps" in err

@@ -103,3 +103,16 @@ def test_set_epoch_makes_orders_reproducible():
     assert [y.tolist() for _, y in a] == [y.tolist() for _, y in b]
     np.testing.assert_array_equal(a.epoch_order(7), b.epoch_order(7))
     assert not np.array_equal(a.epoch_order(7), a.epoch_order(8))
+
+
+def test_starting_mid_epoch_yields_the_tail_of_the_same_epoch():
+    loader = BatchLoader.from_ratings(table(), batch_size=16, backend="cpu", seed=4)
+    loader.set_epoch(2)
+    whole = [y.clone() for _, y in loader]
+    loader.set_epoch(2, start_batch=3)
+    tail = [y.clone() for _, y in loader]
+    assert len(tail) == len(whole) - 3 and all(torch.equal(a, b) for a, b in zip(whole[3:], tail))
+    loader.set_epoch(2, start_batch=len(loader))
+    assert list(loader) == []
+    with pytest.raises(ValueError, match="start_batch must be in"):
+        loader.set_epoch(0, start_batch=-1)

@@ -113,3 +113,15 @@ def test_training_and_ranking_under_the_held_out_users_protocol(tmp_path):
     # recall@5 could not be computed on those items.
     _, a = make_split(t, "users", (0.8, 0.1, 0.1), seed=0, fold_in=0.8)
     assert np.bincount(a, minlength=4)[FOLD_IN] == 12 * 10
+
+
+def test_every_user_keeps_a_training_item_and_every_held_out_user_an_item_to_score():
+    t = table_with([1, 2, 3, 1, 2, 6] * 5)
+    _, a = make_split(t, "per-user", (0.5, 0.25, 0.25), seed=0, min_items=1)
+    for u in range(t.n_users):
+        assert per_user_codes(t, a, u)[TRAIN] >= 1
+    _, a = make_split(t, "users", (0.4, 0.3, 0.3), seed=0, fold_in=0.9)
+    for u in range(t.n_users):
+        codes = per_user_codes(t, a, u)
+        if codes[TRAIN] == 0:
+            assert codes[VALIDATION] + codes[TEST] >= 1

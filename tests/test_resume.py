@@ -125,3 +125,47 @@ def test_resuming_a_finished_run_takes_no_step(uninterrupted):
     after = load_resume_state(uninterrupted)
     assert after.step == before.step == 60
     assert all(torch.equal(before.model_state[k], after.model_state[k]) for k in before.model_state)
+
+
+@pytest.mark.parametrize("crash_at", [12, 20])  # 12 batches an epoch: at an epoch boundary, and mid-epoch
+def test_in_process_crash_right_after_a_saved_state_resumes_identically(tmp_path, monkeypatch, crash_at):
+    import gpu_ann.training as training
+    from gpu_ann.data.table import RatingsTable
+
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(40), 6).astype(np.int32)
+    items = np.concatenate([rng.choice(30, 6, replace=False) for _ in range(40)]).astype(np.int32)
+    table = RatingsTable(users, items, None, None, np.arange(40), np.arange(30), None, source="tiny")
+    cfg = training.TrainConfig(
+        backend="cpu", batch_size=16, hidden=(8, 8, 8), max_steps=30, eval_every=4, eval_batches=1, patience=100, seed=2
+    )
+    whole = tmp_path / "whole"
+    training.train(training.dataclasses.replace(cfg, out=str(whole)), table)
+
+    class Crash(Exception):
+        pass
+
+    real = training.save_resume_state
+
+    def save_then_crash(run_dir, state):
+        real(run_dir, state)
+        if state.step == crash_at:
+            raise Crash
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(training, "save_resume_state", save_then_crash)
+    with pytest.raises(Crash):
+        training.train(training.dataclasses.replace(cfg, out=str(cut)), table)
+    monkeypatch.setattr(training, "save_resume_state", real)
+    state = load_resume_state(cut)
+    assert state.step == crash_at and state.batch_in_epoch == crash_at - 12 * state.epoch
+    training.resume_run(cut)
+    assert_same_run_in_process(whole, cut)
+
+
+def assert_same_run_in_process(a: Path, b: Path):
+    sa, sb = load_resume_state(a), load_resume_state(b)
+    assert sa.finished and sb.finished and sa.step == sb.step == 30
+    assert all(torch.equal(sa.model_state[k], sb.model_state[k]) for k in sa.model_state)
+    assert [r["step"] for r in sa.history] == [r["step"] for r in sb.history]
+    assert [r["validation_loss"] for r in sa.history] == [r["validation_loss"] for r in sb.history]

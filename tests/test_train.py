@@ -248,3 +248,42 @@ def test_metrics_jsonl_and_curves_png_are_written_per_evaluation(trained):
         assert image.size == (700, 420)
         # Not a blank canvas: the curves and the baseline put several colours on it.
         assert len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 20
+
+
+def test_tensorboard_logging_writes_the_same_scalars(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            written.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    cfg = TrainConfig(
+        backend="cpu",
+        out=str(tmp_path),
+        batch_size=16,
+        hidden=(4, 4, 4),
+        max_steps=4,
+        eval_every=2,
+        eval_batches=1,
+        tensorboard=True,
+    )
+    result = train(cfg, tiny_table())
+    assert written[0] == ("dir", str(tmp_path / "tensorboard")) and written[-1] == ("closed",)
+    scalars = [w for w in written if len(w) == 3]
+    assert [(tag, step) for tag, step, _ in scalars] == [
+        (tag, step) for step in (2, 4) for tag in ("train_loss", "validation_loss", "samples_per_s")
+    ]
+    assert [v for tag, _, v in scalars if tag == "validation_loss"] == [h["validation_loss"] for h in result.history]
