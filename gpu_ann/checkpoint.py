@@ -36,7 +36,18 @@ class CheckpointError(RuntimeError):
     """A run directory is missing, incomplete or does not match; the message says which file and why."""
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then rename it into place.
+
+    Parameters
+    ----------
+    path : Path
+        The file to (re)write; its directory is created if needed.
+    write : callable
+        Writes the content to the open file object it is given.
+    mode : str
+        ``"wb"`` or ``"w"``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -105,7 +116,7 @@ def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> Non
         arrays["item_titles"] = table.item_titles
     if table.rating is not None:
         arrays["rating"] = table.rating  # for the bias baseline and explicit input modes
-    _atomic_write(Path(run_dir) / DATA_FILE, lambda f: np.savez(f, **arrays))
+    atomic_write(Path(run_dir) / DATA_FILE, lambda f: np.savez(f, **arrays))
 
 
 def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
@@ -216,9 +227,9 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
         "data_fingerprint": ckpt.data_fingerprint,
         "optimizer_state": _to_cpu(ckpt.optimizer_state),
     }
-    _atomic_write(Path(run_dir) / MODEL_FILE, lambda f: torch.save(payload, f))
+    atomic_write(Path(run_dir) / MODEL_FILE, lambda f: torch.save(payload, f))
     text = to_toml(ckpt.config, "train")
-    _atomic_write(Path(run_dir) / CONFIG_FILE, lambda f: f.write(text), mode="w")
+    atomic_write(Path(run_dir) / CONFIG_FILE, lambda f: f.write(text), mode="w")
 
 
 def load_checkpoint(run_dir: Path, table: RatingsTable | None = None) -> Checkpoint:
@@ -319,7 +330,7 @@ def save_resume_state(run_dir: Path, state: ResumeState) -> None:
         What to write.
     """
     payload = {"format_version": FORMAT_VERSION, **{k: _to_cpu(v) for k, v in state.__dict__.items()}}
-    _atomic_write(Path(run_dir) / STATE_FILE, lambda f: torch.save(payload, f))
+    atomic_write(Path(run_dir) / STATE_FILE, lambda f: torch.save(payload, f))
 
 
 def load_resume_state(run_dir: Path) -> ResumeState:

@@ -66,9 +66,7 @@ def evaluate_run(
     b = get_backend(backend)
     inputs = splits.inputs  # training plus fold-in rows (held-out users' known items)
     matrix = InteractionMatrix.from_pairs(b, inputs.user, inputs.item, table.n_users, table.n_items)
-    model = CandidateGenerator(table.n_items, tuple(ckpt.config["hidden"]))
-    model.load_state_dict(ckpt.model_state)
-    model.to(b.torch_device)
+    model = CandidateGenerator.from_checkpoint(ckpt, b.torch_device)
     with torch.no_grad():
         loss = mean_loss(model, FixedBatches(matrix, splits[split], batch_size, None))
     result = {

@@ -55,6 +55,21 @@ class CandidateGenerator(nn.Module):
         """
         return self.out(self.mlp(self.embed(x)))
 
+    @classmethod
+    def from_checkpoint(cls, ckpt, device: torch.device) -> CandidateGenerator:
+        """The best model of a run, on ``device``, in eval mode.
+
+        Parameters
+        ----------
+        ckpt : gpu_ann.checkpoint.Checkpoint
+            A loaded ``model.pt`` (its config gives the hidden sizes).
+        device : torch.device
+            Where the model should live.
+        """
+        model = cls(len(ckpt.model_state["out.bias"]), tuple(ckpt.config["hidden"]))
+        model.load_state_dict(ckpt.model_state)
+        return model.to(device).eval()
+
     def configure_optimizer(self, lr: float = 1e-3) -> torch.optim.Optimizer:
         """Adam with the seed's settings (betas 0.9 / 0.999).
 

@@ -76,9 +76,7 @@ class Recommender:
         self.backend = get_backend(backend)
         self.table, _ = load_data(Path(run_dir))
         ckpt = load_checkpoint(Path(run_dir), self.table)
-        self.model = CandidateGenerator(self.table.n_items, tuple(ckpt.config["hidden"]))
-        self.model.load_state_dict(ckpt.model_state)
-        self.model.to(self.backend.torch_device).eval()
+        self.model = CandidateGenerator.from_checkpoint(ckpt, self.backend.torch_device)
         self.history = InteractionMatrix.from_pairs(
             self.backend, self.table.user, self.table.item, self.table.n_users, self.table.n_items
         )

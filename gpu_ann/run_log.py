@@ -7,6 +7,8 @@ import logging
 import math
 from pathlib import Path
 
+from gpu_ann.checkpoint import atomic_write
+
 log = logging.getLogger("gpu_ann.training")
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,9 +59,8 @@ class RunLog:
         """Continue a resumed run: keep exactly the records up to its state, dropping any that a killed
         process wrote after its last saved state (they will be written again)."""
         self.records = list(records)
-        tmp = self.run_dir / f".{METRICS_FILE}.tmp"
-        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(self.run_dir / METRICS_FILE)
+        text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
+        atomic_write(self.run_dir / METRICS_FILE, lambda f: f.write(text), mode="w")
 
     def start_fresh(self) -> None:
         """A new run in this directory: forget an earlier run's lines."""
@@ -85,10 +86,8 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.run_dir / f".{CURVES_FILE}.tmp"
-        fig.savefig(tmp, format="png")
+        atomic_write(self.run_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-        tmp.replace(self.run_dir / CURVES_FILE)
 
     def _write_tensorboard(self, record: dict) -> None:
         if self._tb is None:

@@ -272,9 +272,7 @@ def score_run(
     inputs = splits.inputs  # training plus fold-in rows (held-out users' known items)
     input_matrix = InteractionMatrix.from_pairs(b, inputs.user, inputs.item, table.n_users, n_items)
     seen = input_matrix.backend.to_host(input_matrix.indptr), input_matrix.backend.to_host(input_matrix.indices)
-    model = CandidateGenerator(n_items, tuple(ckpt.config["hidden"]))
-    model.load_state_dict(ckpt.model_state)
-    model.to(device).eval()
+    model = CandidateGenerator.from_checkpoint(ckpt, device)
     batch_size = max(1, min(batch_size, len(users)))
     # One sample per scored user whose target (-1) is no item: the kernel keeps the whole input row.
     assembler = BatchAssembler(input_matrix, Samples(users, np.full_like(users, -1)), batch_size, allow_no_target=True)
