@@ -130,9 +130,9 @@ def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
     Returns
     -------
     table : RatingsTable
-        Indices, id maps and titles; ``rating`` and ``timestamp`` are None.
+        Indices, id maps, titles and ratings (when the data had them); ``timestamp`` is None.
     assignment : numpy.ndarray
-        Split code (0/1/2) of each interaction.
+        Split code of each interaction (0 train, 1 validation, 2 test, 3 fold-in).
 
     Raises
     ------

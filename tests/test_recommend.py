@@ -13,21 +13,9 @@ from gpu_ann.training import TrainConfig, train
 
 def anime_slice(n_users: int, n_items: int) -> RatingsTable:
     """The first users' interactions with the most popular of their items, with real titles."""
-    table = load_bundled_anime()
-    keep = table.user < n_users
-    top = np.argsort(-np.bincount(table.item[keep], minlength=table.n_items), kind="stable")[:n_items]
-    keep &= np.isin(table.item, top)
-    items, item = np.unique(table.item[keep], return_inverse=True)
-    return RatingsTable(
-        user=table.user[keep],
-        item=item.astype(np.int32),
-        rating=None,
-        timestamp=None,
-        user_ids=table.user_ids[:n_users],
-        item_ids=table.item_ids[items],
-        item_titles=table.item_titles[items],
-        source=f"anime ({n_users} users x {n_items} items)",
-    )
+    from test_train import real_slice
+
+    return real_slice(load_bundled_anime(), n_users, n_items)
 
 
 @pytest.fixture(scope="module")
