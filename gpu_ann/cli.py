@@ -281,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from pathlib import Path
+
     fields = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    # The saved config must repeat the run from any directory: a relative data path is made absolute.
+    if cfg.data is not None:
+        cfg.data = str(Path(cfg.data).resolve())
+    return cfg
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -244,13 +244,18 @@ def format_report(report: dict[str, Any]) -> str:
             "packages",
             [
                 ("torch", torch_line),
-                ("numpy", pkgs["numpy"]),
-                ("scipy", pkgs["scipy"]),
-                ("numba", pkgs["numba"]),
-                ("numba-cuda", pkgs["numba_cuda"]),
+                *(
+                    (name, pkgs[key] or "not installed")
+                    for name, key in (
+                        ("numpy", "numpy"),
+                        ("scipy", "scipy"),
+                        ("numba", "numba"),
+                        ("numba-cuda", "numba_cuda"),
+                    )
+                ),
                 ("cupy", cupy_line),
-                ("pandas", pkgs["pandas"]),
-                ("pyarrow", pkgs["pyarrow"]),
+                ("pandas", pkgs["pandas"] or "not installed"),
+                ("pyarrow", pkgs["pyarrow"] or "not installed"),
             ],
         ),
         (

@@ -11,7 +11,7 @@ from gpu_ann.training import TrainConfig
 
 def test_saved_effective_config_round_trips_to_the_same_train_config(tmp_path):
     cfg = TrainConfig(
-        data="ratings.csv",
+        data=str(tmp_path / "ratings.csv"),
         user_col="u",
         header=False,
         split=(0.7, 0.2, 0.1),
@@ -78,3 +78,9 @@ def test_resume_refuses_other_training_flags(capsys, tmp_path):
     assert main(["train", "--resume", str(tmp_path), "--max-steps", "5", "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "--resume continues a run with its saved config; drop --lr, --max-steps" in err
+
+
+def test_a_relative_data_path_is_saved_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _train_config(parse_args(["train", "--data", "ratings.csv"]))
+    assert cfg.data == str(tmp_path / "ratings.csv")
