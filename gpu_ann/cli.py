@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="split shares: of interactions (random), of each user's items (per-user) or of users (users)",
     )
     d.add_argument(
+        "--train",
+        dest="train_file",
+        metavar="FILE",
+        help="your own split: training interactions (with --validation [--test]; replaces --data and --protocol)",
+    )
+    d.add_argument("--validation", dest="validation_file", metavar="FILE", help="your own split: validation")
+    d.add_argument("--test", dest="test_file", metavar="FILE", help="your own split: test (optional)")
+    d.add_argument(
         "--protocol",
         choices=("random", "per-user", "leave-last", "users"),
         default=DEFAULTS.protocol,
@@ -285,9 +293,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
     fields = set(TrainConfig.__dataclass_fields__)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    # The saved config must repeat the run from any directory: a relative data path is made absolute.
-    if cfg.data is not None:
-        cfg.data = str(Path(cfg.data).resolve())
+    # The saved config must repeat the run from any directory: relative data paths are made absolute.
+    for name in ("data", "train_file", "validation_file", "test_file"):
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, str(Path(getattr(cfg, name)).resolve()))
     return cfg
 
 

@@ -328,3 +328,55 @@ def splits_from_assignment(table: RatingsTable, assignment: np.ndarray) -> Split
         parts.append(Samples(table.user[mask].astype(np.int32), table.item[mask].astype(np.int32)))
     train, validation, test, fold_in = parts
     return Splits(train, validation, test, n_users=table.n_users, n_items=table.n_items, fold_in=fold_in)
+
+
+def splits_from_tables(train: RatingsTable, validation: RatingsTable, test: RatingsTable | None = None):
+    """Splits given as separate tables (the user's own split files), joined into one table.
+
+    Raw ids are merged across the files (a user or item known only from validation or test gets an
+    index too: such a user has an empty input row, such an item is never a training label); ids are
+    compared as text when the files disagree on their type. Titles come from whichever file has them.
+
+    Parameters
+    ----------
+    train, validation : RatingsTable
+        The training and validation interactions.
+    test : RatingsTable, optional
+        The test interactions.
+
+    Returns
+    -------
+    (RatingsTable, Splits, numpy.ndarray)
+        The joined table, its splits and the per-interaction assignment (0/1/2, file order kept).
+    """
+    parts = [t for t in (train, validation, test) if t is not None]
+    codes = np.concatenate([np.full(t.nnz, code, np.uint8) for code, t in zip((TRAIN, VALIDATION, TEST), parts)])
+
+    def merged(attr: str, ids: str):
+        raw = [getattr(t, ids)[getattr(t, attr)] for t in parts]
+        if len({r.dtype.kind for r in raw}) > 1:  # ints in one file, text in another: compare as text
+            raw = [r.astype(str) for r in raw]
+        return np.unique(np.concatenate(raw), return_inverse=True)
+
+    user_ids, user = merged("user", "user_ids")
+    item_ids, item = merged("item", "item_ids")
+    titles = None
+    if any(t.item_titles is not None for t in parts):
+        known = {}
+        for t in parts:
+            if t.item_titles is not None:
+                known.update(zip(t.item_ids.astype(item_ids.dtype).tolist(), t.item_titles.tolist()))
+        titles = np.array([known.get(i, "") for i in item_ids.tolist()])
+    ratings = [t.rating for t in parts]
+    table = RatingsTable(
+        user=user.astype(np.int32),
+        item=item.astype(np.int32),
+        rating=np.concatenate(ratings) if all(r is not None for r in ratings) else None,
+        timestamp=None,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        item_titles=titles,
+        source=" + ".join(t.source for t in parts),
+    )
+    splits, assignment = _finish(table, codes, "given split files")
+    return table, splits, assignment

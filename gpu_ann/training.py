@@ -37,7 +37,7 @@ from gpu_ann.metrics import mean_loss, popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
-from gpu_ann.splits import make_split, splits_from_assignment
+from gpu_ann.splits import make_split, splits_from_assignment, splits_from_tables
 
 log = logging.getLogger("gpu_ann.training")
 
@@ -66,6 +66,8 @@ class TrainConfig:
         Train / validation / test shares (of interactions, of each user's items, or of users, by protocol).
     protocol : {"random", "per-user", "leave-last", "users"}
         The split protocol, see :func:`gpu_ann.splits.make_split`.
+    train_file, validation_file, test_file : str, optional
+        A split given as files (read with the same column options); replaces ``data`` and ``protocol``.
     min_user_items : int
         ``per-user``: users with fewer interactions stay whole in training.
     leave_last : int
@@ -112,6 +114,9 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
     protocol: str = "random"  # random | per-user | leave-last | users (gpu_ann.splits.make_split)
+    train_file: str | None = None  # the user's own split: training interactions (replaces data + protocol)
+    validation_file: str | None = None  # ... validation interactions (needed with train_file)
+    test_file: str | None = None  # ... test interactions (optional)
     min_user_items: int = 5  # per-user: users with fewer items stay in training
     leave_last: int = 1  # leave-last: items per user in each of validation and test
     fold_in: float = 0.8  # users: share of a held-out user's items used as input
@@ -243,12 +248,30 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     """
     started = time.perf_counter()
     backend = get_backend(cfg.backend)
-    if table is None:
+    if table is None and cfg.train_file is None:
         with stage("reading ratings"):
             table = load_table(cfg)
     if resume is not None:
         state, assignment = resume
         splits = splits_from_assignment(table, assignment)
+    elif cfg.train_file is not None:
+        if cfg.validation_file is None:
+            raise ValueError("a split given as files needs --validation as well as --train")
+        with stage("reading the split files"):
+            parts = [
+                read_ratings(
+                    path,
+                    user_col=cfg.user_col,
+                    item_col=cfg.item_col,
+                    rating_col=cfg.rating_col,
+                    sep=cfg.sep,
+                    header=cfg.header,
+                )
+                if path
+                else None
+                for path in (cfg.train_file, cfg.validation_file, cfg.test_file)
+            ]
+            table, splits, assignment = splits_from_tables(*parts)
     else:
         with stage("splitting"):
             splits, assignment = make_split(

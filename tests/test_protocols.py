@@ -125,3 +125,90 @@ def test_every_user_keeps_a_training_item_and_every_held_out_user_an_item_to_sco
         codes = per_user_codes(t, a, u)
         if codes[TRAIN] == 0:
             assert codes[VALIDATION] + codes[TEST] >= 1
+
+
+def test_a_split_given_as_files_is_joined_with_merged_ids(tmp_path, capsys):
+    from gpu_ann.checkpoint import load_data
+    from gpu_ann.cli import main
+
+    rng = np.random.default_rng(0)
+    rows = {name: [] for name in ("train", "validation", "test")}
+    for u in range(50):
+        items = rng.choice(30, 8, replace=False)
+        rows["train"] += [(u, i) for i in items[:6]]
+        rows["validation"].append((u, items[6]))
+        rows["test"].append((u, items[7]))
+    rows["validation"].append((999, 77))  # a user and an item that training has never seen
+    paths = {}
+    for name, pairs in rows.items():
+        paths[name] = tmp_path / f"{name}.csv"
+        paths[name].write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in pairs))
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--train",
+            str(paths["train"]),
+            "--validation",
+            str(paths["validation"]),
+            "--test",
+            str(paths["test"]),
+            "--backend",
+            "cpu",
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+            "--hidden",
+            "8,8,8",
+            "--max-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "1",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    table, assignment = load_data(out)
+    assert np.bincount(assignment, minlength=3).tolist() == [300, 51, 50]
+    assert 999 in table.user_ids.tolist() and 77 in table.item_ids.tolist()
+    # Every (user, item) pair comes back in its file's split, in raw ids.
+    for code, name in enumerate(("train", "validation", "test")):
+        got = set(
+            zip(
+                table.user_ids[table.user[assignment == code]].tolist(),
+                table.item_ids[table.item[assignment == code]].tolist(),
+            )
+        )
+        assert got == set(rows[name])
+
+
+def test_split_files_with_int_and_text_ids_compare_as_text():
+    from gpu_ann.splits import splits_from_tables
+
+    a = RatingsTable(
+        np.array([0, 1], np.int32),
+        np.array([0, 1], np.int32),
+        None,
+        None,
+        np.array([1, 2]),
+        np.array([10, 20]),
+        None,
+        source="a",
+    )
+    b = RatingsTable(
+        np.array([0], np.int32),
+        np.array([0], np.int32),
+        None,
+        None,
+        np.array(["2"]),
+        np.array(["x"]),
+        np.array(["Title X"]),
+        source="b",
+    )
+    table, splits, assignment = splits_from_tables(a, b)
+    assert table.user_ids.tolist() == ["1", "2"] and table.item_ids.tolist() == ["10", "20", "x"]
+    assert table.item_titles.tolist() == ["", "", "Title X"]
+    assert assignment.tolist() == [TRAIN, TRAIN, VALIDATION]
+    assert splits.validation.user.tolist() == [1] and splits.validation.item.tolist() == [2]
