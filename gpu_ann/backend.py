@@ -133,7 +133,7 @@ class CpuBackend:
         Parameters
         ----------
         *args
-            ``indptr, indices, sample_users, sample_items, batch, out, labels`` as kernel arrays
+            ``indptr, indices, values, sample_users, sample_items, batch, out, labels`` as kernel arrays
             (see ``gpu_ann.kernels.assemble``).
         """
         _assemble.assemble_rows(*args, target="cpu")
@@ -275,7 +275,7 @@ class CudaBackend:
         Parameters
         ----------
         *args
-            ``indptr, indices, sample_users, sample_items, batch, out, labels`` as kernel arrays
+            ``indptr, indices, values, sample_users, sample_items, batch, out, labels`` as kernel arrays
             (see ``gpu_ann.kernels.assemble``).
         """
         # Launch on the stream torch computes on, so the step that reads the batch is ordered after

@@ -69,6 +69,9 @@ class BatchAssembler:
         # sample arrays are torch's, made on the stream the kernels run on.
         self._indptr = backend.kernel_array(matrix.indptr)
         self._indices = backend.kernel_array(matrix.indices)
+        # Length 0 tells the kernel the input is implicit (every value 1).
+        values = matrix.values if matrix.values is not None else backend.from_host(np.empty(0, np.float32))
+        self._values = backend.kernel_array(values)
         self._users = backend.view_of_tensor(backend.tensor_from_host(samples.user.astype(np.int32)))
         self._items = backend.view_of_tensor(backend.tensor_from_host(samples.item.astype(np.int32)))
         # Assemblers used one after another (training, then evaluation) may share one set of buffers.
@@ -103,9 +106,9 @@ class BatchAssembler:
     def assemble(self, device_indices) -> tuple[torch.Tensor, torch.Tensor]:
         """``(X, y)`` for sample indices already on the device (from :meth:`to_device_indices`).
 
-        One kernel launch, asynchronous on the GPU (no sync). Row ``r`` of ``X`` holds ``1/w`` at the
-        user's items other than the target, ``w`` their count, then the three count features; ``y[r]``
-        is the target item.
+        One kernel launch, asynchronous on the GPU (no sync). Row ``r`` of ``X`` holds ``1/w`` (or the
+        matrix's value over ``w``) at the user's items other than the target, ``w`` their count, then the
+        three count features; ``y[r]`` is the target item.
 
         Parameters
         ----------
@@ -130,7 +133,7 @@ class BatchAssembler:
             raise ValueError(f"batch of {n} rows exceeds the buffer of {self.max_rows}")
         b = self.buffers
         self.backend.assemble_rows(
-            self._indptr, self._indices, self._users, self._items, device_indices, b.X_kernel, b.y_kernel
+            self._indptr, self._indices, self._values, self._users, self._items, device_indices, b.X_kernel, b.y_kernel
         )
         return b.views(n)
 

@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split, the sampling and the weights")
     m = t.add_argument_group("model and optimisation")
+    m.add_argument(
+        "--input-values",
+        choices=("implicit", "rating", "residual"),
+        default=DEFAULTS.input_values,
+        help="what an input row holds at the user's items (over their count): 1; the rating over the largest "
+        "rating; or the rating minus the bias baseline's prediction, over the same scale",
+    )
     m.add_argument("--hidden", type=_hidden, default=DEFAULTS.hidden, metavar="H0,H1,H2", help="hidden sizes")
     m.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate")
     m.add_argument("--batch-size", type=_positive, default=DEFAULTS.batch_size, help="training batch size")

@@ -12,11 +12,11 @@ from gpu_ann.backend import get_backend
 from gpu_ann.baselines import EASE, Biases
 from gpu_ann.batching import BatchAssembler, FixedBatches
 from gpu_ann.checkpoint import load_checkpoint, load_data
-from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.metrics import mean_loss, popularity_log_probs, popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.ranking import evaluate_scores
 from gpu_ann.splits import FOLD_IN, SPLIT_NAMES, TRAIN, Samples, splits_from_assignment
+from gpu_ann.values import input_matrix
 
 
 def evaluate_run(
@@ -64,8 +64,8 @@ def evaluate_run(
     ckpt = load_checkpoint(Path(run_dir), table)
     splits = splits_from_assignment(table, assignment)
     b = get_backend(backend)
-    inputs = splits.inputs  # training plus fold-in rows (held-out users' known items)
-    matrix = InteractionMatrix.from_pairs(b, inputs.user, inputs.item, table.n_users, table.n_items)
+    # Training plus fold-in rows (held-out users' known items), valued as the model was trained.
+    matrix = input_matrix(b, table, assignment, ckpt.config.get("input_values", "implicit"))
     model = CandidateGenerator.from_checkpoint(ckpt, b.torch_device)
     with torch.no_grad():
         loss = mean_loss(model, FixedBatches(matrix, splits[split], batch_size, None))

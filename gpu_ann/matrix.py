@@ -67,10 +67,13 @@ def validate_csr(indptr: np.ndarray, indices: np.ndarray, n_rows: int, n_cols: i
 
 @dataclass
 class InteractionMatrix:
-    """Users x items CSR on a backend (structure only: the stored value is never read by the kernels).
+    """Users x items CSR on a backend: the structure, and optionally a float32 value per entry.
 
-    ``indptr`` is int64 (nnz may pass 2**31), ``indices`` int32. ``csr`` is the scipy / cupyx matrix
-    over the same arrays for library users; the kernels take views made by ``backend.kernel_array``.
+    Which items a user has is decided by the structure alone. ``values`` is ``None`` in the default
+    implicit mode (the kernels write ``1/w``); otherwise the kernels write ``values[k]/w`` (rating and
+    residual input modes, see :mod:`gpu_ann.values`). ``indptr`` is int64 (nnz may pass 2**31),
+    ``indices`` int32. ``csr`` is the scipy / cupyx matrix over the same arrays for library users; the
+    kernels take views made by ``backend.kernel_array``.
     Build it with :meth:`from_pairs`, :meth:`from_scipy` or :meth:`from_csr`, which validate the
     structure; the constructor itself checks nothing.
 
@@ -86,6 +89,8 @@ class InteractionMatrix:
         Number of rows.
     n_items : int
         Number of columns.
+    values : numpy.ndarray or cupy.ndarray, optional
+        float32 value of each stored entry, finite, on the backend; ``None`` for implicit input.
     """
 
     backend: Any
@@ -93,9 +98,12 @@ class InteractionMatrix:
     indices: Any
     n_users: int
     n_items: int
+    values: Any = None
 
     @classmethod
-    def from_pairs(cls, backend, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int):
+    def from_pairs(
+        cls, backend, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, values: np.ndarray | None = None
+    ):
         """Build from host (user, item) index arrays; duplicate pairs are kept once.
 
         Parameters
@@ -106,6 +114,9 @@ class InteractionMatrix:
             Row and column index of each interaction (host arrays of equal length).
         n_users, n_items : int
             Shape of the matrix.
+        values : numpy.ndarray, optional
+            A finite value per pair (kept as float32); the pairs must then be unique, since two values
+            for one entry have no single meaning. ``None``: implicit input.
 
         Returns
         -------
@@ -115,24 +126,27 @@ class InteractionMatrix:
         Raises
         ------
         ValueError
-            An index is negative or outside the shape (raised by scipy).
+            An index is negative or outside the shape (raised by scipy); ``values`` of the wrong length,
+            not finite, or given with duplicate pairs.
         MalformedMatrix
             ``n_items`` does not fit int32 column indices.
         """
-        host = sp.csr_matrix(
-            (np.ones(len(users), dtype=np.float32), (np.asarray(users), np.asarray(items))),
-            shape=(n_users, n_items),
-        )
+        data = np.ones(len(users), dtype=np.float32) if values is None else np.asarray(values, dtype=np.float32)
+        if len(data) != len(users):
+            raise ValueError(f"{len(data)} values for {len(users)} (user, item) pairs")
+        host = sp.csr_matrix((data, (np.asarray(users), np.asarray(items))), shape=(n_users, n_items))
         host.sum_duplicates()  # also sorts the indices of each row
-        return cls.from_scipy(backend, host)
+        if values is not None and host.nnz != len(users):
+            raise ValueError(f"{len(users) - host.nnz} duplicate (user, item) pairs: each pair needs one value")
+        return cls.from_scipy(backend, host, values=values is not None)
 
     @classmethod
-    def from_scipy(cls, backend, matrix: sp.spmatrix):
+    def from_scipy(cls, backend, matrix: sp.spmatrix, values: bool = False):
         """Validate a host CSR matrix and move it to the backend.
 
         The structure is copied (``indptr`` as int64, ``indices`` as int32; to the device on cuda, a
-        blocking host-to-device copy); the values are dropped. Rows are not sorted here: unsorted
-        rows are refused.
+        blocking host-to-device copy); the values are dropped unless ``values`` is true. Rows are not
+        sorted here: unsorted rows are refused.
 
         Parameters
         ----------
@@ -140,6 +154,9 @@ class InteractionMatrix:
             Where the matrix goes.
         matrix : scipy.sparse.spmatrix
             Any scipy sparse matrix; converted to CSR first.
+        values : bool
+            Keep the stored values (as float32, which must be finite) for the rating / residual input
+            modes; by default the input is implicit.
 
         Returns
         -------
@@ -148,7 +165,8 @@ class InteractionMatrix:
         Raises
         ------
         MalformedMatrix
-            Too many columns for int32 indices, or a structure that fails :func:`validate_csr`.
+            Too many columns for int32 indices, a structure that fails :func:`validate_csr`, or (with
+            ``values``) a value that is not finite.
         """
         matrix = sp.csr_matrix(matrix)
         n_users, n_items = matrix.shape
@@ -157,10 +175,21 @@ class InteractionMatrix:
         validate_csr(matrix.indptr, matrix.indices, n_users, n_items)
         indptr = backend.from_host(matrix.indptr.astype(np.int64))
         indices = backend.from_host(matrix.indices.astype(np.int32))
-        return cls(backend, indptr, indices, n_users, n_items)
+        data = None
+        if values:
+            data = np.asarray(matrix.data, dtype=np.float32)
+            bad = np.flatnonzero(~np.isfinite(data))
+            if len(bad):
+                k = int(bad[0])
+                row = int(np.searchsorted(matrix.indptr, k, side="right") - 1)
+                raise MalformedMatrix(
+                    f"row {row}, column {matrix.indices[k]} holds the value {data[k]}: values must be finite"
+                )
+            data = backend.from_host(data)
+        return cls(backend, indptr, indices, n_users, n_items, data)
 
     @classmethod
-    def from_csr(cls, backend, csr: Any):
+    def from_csr(cls, backend, csr: Any, values: bool = False):
         """From a scipy CSR, or a cupyx CSR already on the device (validated through a host copy).
 
         Parameters
@@ -184,7 +213,7 @@ class InteractionMatrix:
             The structure fails :func:`validate_csr` (or, for scipy input, has too many columns).
         """
         if isinstance(csr, sp.spmatrix | sp.sparray):
-            return cls.from_scipy(backend, csr)
+            return cls.from_scipy(backend, csr, values=values)
         if backend.name != "cuda" or not hasattr(csr, "get"):
             raise TypeError(f"expected a scipy CSR matrix, or a cupyx one on the cuda backend; got {type(csr)}")
         csr = csr.tocsr()
@@ -192,7 +221,12 @@ class InteractionMatrix:
         # Device -> host copies of the structure (syncs), once: the kernels must never see a bad index.
         validate_csr(csr.indptr.get(), csr.indices.get(), n_users, n_items)
         xp = backend.xp
-        return cls(backend, csr.indptr.astype(xp.int64), csr.indices.astype(xp.int32), n_users, n_items)
+        data = None
+        if values:
+            data = csr.data.astype(xp.float32)
+            if not bool(xp.isfinite(data).all()):  # device -> host sync, once
+                raise MalformedMatrix("the matrix holds values that are not finite (NaN or infinite)")
+        return cls(backend, csr.indptr.astype(xp.int64), csr.indices.astype(xp.int32), n_users, n_items, data)
 
     @property
     def nnz(self) -> int:
@@ -201,10 +235,10 @@ class InteractionMatrix:
 
     @property
     def csr(self):
-        """The matrix as scipy / cupyx CSR (values all 1), for library users; the kernels never use it.
+        """The matrix as scipy / cupyx CSR, for library users; the kernels never use it.
 
         Built on each access over this matrix's index arrays (scipy / cupyx may cast them, which copies),
-        with a new float32 array of ones as values.
+        with :attr:`values` as its data, or a new float32 array of ones for implicit input.
 
         Raises
         ------
@@ -214,7 +248,7 @@ class InteractionMatrix:
         if self.backend.name == "cuda" and self.nnz > INT32_MAX:
             # CuPy <= 14.2 casts indptr to int32, which goes negative past 2**31 entries (cupy#9490).
             raise OverflowError(f"{self.nnz:,} stored entries: too many for a cupyx CSR (int32 indptr)")
-        data = self.backend.xp.ones(self.nnz, dtype=self.backend.xp.float32)
+        data = self.values if self.values is not None else self.backend.xp.ones(self.nnz, dtype=self.backend.xp.float32)
         return self.backend.sparse.csr_matrix((data, self.indices, self.indptr), shape=(self.n_users, self.n_items))
 
     def row(self, user: int) -> np.ndarray:

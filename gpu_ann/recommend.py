@@ -17,6 +17,7 @@ from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.scoring import top_k
 from gpu_ann.splits import Samples
+from gpu_ann.values import fit_values
 
 
 class UnknownId(KeyError):
@@ -74,11 +75,15 @@ class Recommender:
 
     def __init__(self, run_dir: str | Path, backend: str = "cpu") -> None:
         self.backend = get_backend(backend)
-        self.table, _ = load_data(Path(run_dir))
+        self.table, assignment = load_data(Path(run_dir))
         ckpt = load_checkpoint(Path(run_dir), self.table)
         self.model = CandidateGenerator.from_checkpoint(ckpt, self.backend.torch_device)
+        # Values fitted on the run's input interactions, as in training; a known user's row holds all
+        # their interactions, valued the same way.
+        self.values = fit_values(ckpt.config.get("input_values", "implicit"), self.table, assignment)
+        t = self.table
         self.history = InteractionMatrix.from_pairs(
-            self.backend, self.table.user, self.table.item, self.table.n_users, self.table.n_items
+            self.backend, t.user, t.item, t.n_users, t.n_items, values=self.values.of(t.user, t.item, t.rating)
         )
         self._user_index = {raw: i for i, raw in enumerate(self.table.user_ids.tolist())}
         # Items by the decimal text of their id (str() of an int id, the id itself for text ids).
@@ -227,9 +232,10 @@ class Recommender:
             raise TypeError("items must be a list of item ids or titles, not one string")
         row = np.unique(np.array([self.item_index(entry) for entry in items], dtype=np.int32))
         # A one-row CSR of the items, and one sample of that row whose target (-1) is no item.
-        matrix = InteractionMatrix.from_pairs(
-            self.backend, np.zeros(len(row), dtype=np.int32), row, 1, self.table.n_items
-        )
+        # Listed items carry no rating: each gets the mode's value of an unscored interaction.
+        users = np.zeros(len(row), dtype=np.int32)
+        values = self.values.of(users, row, None)
+        matrix = InteractionMatrix.from_pairs(self.backend, users, row, 1, self.table.n_items, values=values)
         sample = Samples(np.zeros(1, dtype=np.int32), np.array([-1], dtype=np.int32))
         return self._rank_row(matrix, sample, row, k)
 

@@ -229,10 +229,10 @@ def score_run(
     from gpu_ann.backend import get_backend
     from gpu_ann.batching import BatchAssembler
     from gpu_ann.checkpoint import load_checkpoint, load_data
-    from gpu_ann.matrix import InteractionMatrix
     from gpu_ann.model import CandidateGenerator
     from gpu_ann.ranking import rows_mask
     from gpu_ann.splits import SPLIT_NAMES, Samples, splits_from_assignment
+    from gpu_ann.values import input_matrix
 
     started = time.perf_counter()
     out = Path(out)
@@ -269,13 +269,13 @@ def score_run(
     ckpt = load_checkpoint(Path(run_dir), table)
     b = get_backend(backend)
     device = b.torch_device
-    inputs = splits.inputs  # training plus fold-in rows (held-out users' known items)
-    input_matrix = InteractionMatrix.from_pairs(b, inputs.user, inputs.item, table.n_users, n_items)
-    seen = input_matrix.backend.to_host(input_matrix.indptr), input_matrix.backend.to_host(input_matrix.indices)
+    # Training plus fold-in rows (held-out users' known items), valued as the model was trained.
+    inputs = input_matrix(b, table, assignment, ckpt.config.get("input_values", "implicit"))
+    seen = b.to_host(inputs.indptr), b.to_host(inputs.indices)
     model = CandidateGenerator.from_checkpoint(ckpt, device)
     batch_size = max(1, min(batch_size, len(users)))
     # One sample per scored user whose target (-1) is no item: the kernel keeps the whole input row.
-    assembler = BatchAssembler(input_matrix, Samples(users, np.full_like(users, -1)), batch_size, allow_no_target=True)
+    assembler = BatchAssembler(inputs, Samples(users, np.full_like(users, -1)), batch_size, allow_no_target=True)
 
     user_type = pa.array(table.user_ids[:0]).type
     item_type = pa.array(table.item_ids[:0]).type

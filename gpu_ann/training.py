@@ -32,12 +32,12 @@ from gpu_ann.checkpoint import (
 from gpu_ann.data.readers import load_bundled_anime, read_ratings
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.loader import BatchLoader
-from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.metrics import mean_loss, popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
 from gpu_ann.splits import make_split, splits_from_assignment, splits_from_tables
+from gpu_ann.values import input_matrix
 
 log = logging.getLogger("gpu_ann.training")
 
@@ -121,6 +121,7 @@ class TrainConfig:
     leave_last: int = 1  # leave-last: items per user in each of validation and test
     fold_in: float = 0.8  # users: share of a held-out user's items used as input
     # model and optimiser: the seed's MLP and Adam(1e-3)
+    input_values: str = "implicit"  # implicit | rating | residual (gpu_ann.values)
     hidden: tuple[int, int, int] = (256, 512, 256)
     lr: float = 1e-3
     batch_size: int = 1024
@@ -291,8 +292,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     )
 
     with stage(f"building the matrix on {backend.name}"):
-        inputs = splits.inputs  # training plus fold-in rows: only training rows give examples
-        matrix = InteractionMatrix.from_pairs(backend, inputs.user, inputs.item, table.n_users, n_items)
+        # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
+        matrix = input_matrix(backend, table, assignment, cfg.input_values)
     loader = BatchLoader(matrix, splits.train, cfg.batch_size, replacement=cfg.sampling == "replacement", seed=cfg.seed)
     # Evaluation runs between steps, so it shares the training loader's buffers.
     buffers = loader.assembler.buffers

@@ -2,20 +2,23 @@
 
 For sample ``s = batch[r]`` with user ``u = sample_users[s]`` and target ``t = sample_items[s]``::
 
-    out[r, :n]      = 1/w at the user's training items other than t, 0 elsewhere
+    out[r, :n]      = v_k/w at the user's training items k other than t, 0 elsewhere
     out[r, n:n+3]   = f, sqrt(f), f**2   with f = w / n
     labels[r]       = t
 
 where ``n = out.shape[1] - 3`` and ``w`` is the number of the user's training items other than ``t``
-(``w = 1`` when that is 0). Whether the user has an item is decided by the CSR structure only, never
-by a stored value. ``t`` is removed when it is in the row (training samples) and nothing is removed
-when it is not (validation and test samples, whose target is not in the training matrix).
+(``w = 1`` when that is 0). ``v_k`` is 1 in the default implicit mode (``values`` of length 0) and
+``values[k]``, the stored value of entry ``k`` (a scaled rating or residual, see ``gpu_ann.values``),
+otherwise. Whether the user has an item is decided by the CSR structure only, never by a stored
+value: an entry whose value is 0 still counts in ``w`` and is still removed when it is the target.
+``t`` is removed when it is in the row (training samples) and nothing is removed when it is not
+(validation and test samples, whose target is not in the training matrix).
 
 ``out`` is float32, or uint16 holding bfloat16 bits (a view of a torch bf16 buffer), rounded to nearest
 even exactly as torch converts float32.
 
-Three functions with one argument order (``indptr, indices, sample_users, sample_items, batch, out,
-labels``):
+Three functions with one argument order (``indptr, indices, values, sample_users, sample_items, batch,
+out, labels``):
 
 * ``assemble_rows_cpu``    numba ``@njit(parallel=True)``: a thread per row, zeros written in the same pass.
 * ``assemble_rows_kernel`` numba-cuda ``@cuda.jit``: a block per row, threads stride over the columns so
@@ -101,8 +104,9 @@ _find_item_cpu, _remaining_count_cpu, _store_cpu, _write_features_cpu = _build_r
 
 
 @njit(parallel=True, cache=True)
-def assemble_rows_cpu(indptr, indices, sample_users, sample_items, batch, out, labels):
+def assemble_rows_cpu(indptr, indices, values, sample_users, sample_items, batch, out, labels):
     n_items = out.shape[1] - 3
+    implicit = values.shape[0] == 0
     for r in prange(batch.shape[0]):
         s = batch[r]
         u = sample_users[s]
@@ -111,14 +115,19 @@ def assemble_rows_cpu(indptr, indices, sample_users, sample_items, batch, out, l
         end = indptr[u + 1]
         pos = _find_item_cpu(indices, start, end, t)
         w = _remaining_count_cpu(start, end, pos)
-        value = np.float32(1) / np.float32(w)
+        scale = np.float32(1) / np.float32(w)
         # Zeros in the same parallel pass as the scatter: a separate fill is single-threaded and
         # touches the buffer twice (GPU-NOTES: 2-4x slower).
         for c in range(n_items):
             out[r, c] = 0
-        for k in range(start, end):
-            if k != pos:
-                _store_cpu(out, r, indices[k], value)
+        if implicit:
+            for k in range(start, end):
+                if k != pos:
+                    _store_cpu(out, r, indices[k], scale)
+        else:
+            for k in range(start, end):
+                if k != pos:
+                    _store_cpu(out, r, indices[k], values[k] * scale)
         _write_features_cpu(out, r, n_items, w)
         labels[r] = t
 
@@ -134,8 +143,9 @@ def cuda_kernel():
     find_item, remaining_count, store, write_features = _build_row_helpers(cuda.jit(device=True))
 
     @cuda.jit
-    def assemble_rows_kernel(indptr, indices, sample_users, sample_items, batch, out, labels):
+    def assemble_rows_kernel(indptr, indices, values, sample_users, sample_items, batch, out, labels):
         n_items = out.shape[1] - 3
+        implicit = values.shape[0] == 0
         tid = cuda.threadIdx.x
         step = cuda.blockDim.x
         # A block per row; the loop bound is the same for every thread of a block, so the barrier
@@ -152,10 +162,11 @@ def cuda_kernel():
             cuda.syncthreads()
             pos = find_item(indices, start, end, t)
             w = remaining_count(start, end, pos)
-            value = np.float32(1) / np.float32(w)
+            scale = np.float32(1) / np.float32(w)
+            # ``implicit`` is the same for every thread: the branch does not diverge.
             for k in range(start + tid, end, step):
                 if k != pos:
-                    store(out, r, indices[k], value)
+                    store(out, r, indices[k], scale if implicit else values[k] * scale)
             if tid == 0:
                 write_features(out, r, n_items, w)
                 labels[r] = t
@@ -163,8 +174,11 @@ def cuda_kernel():
     return assemble_rows_kernel
 
 
-def assemble_rows(indptr, indices, sample_users, sample_items, batch, out, labels, *, target="cpu", stream=0):
+def assemble_rows(indptr, indices, values, sample_users, sample_items, batch, out, labels, *, target="cpu", stream=0):
     """Write ``out[:len(batch)]`` and ``labels[:len(batch)]`` for the samples ``batch``.
+
+    ``values`` is float32 with one entry per stored index, or of length 0 for the implicit mode (every
+    value 1).
 
     ``target="cpu"`` takes numpy arrays; ``target="cuda"`` takes device arrays (numba device arrays,
     or numpy arrays under the simulator) and launches on ``stream`` without synchronising the host.
@@ -173,11 +187,11 @@ def assemble_rows(indptr, indices, sample_users, sample_items, batch, out, label
     if n_rows == 0:
         return
     if target == "cpu":
-        assemble_rows_cpu(indptr, indices, sample_users, sample_items, batch, out, labels)
+        assemble_rows_cpu(indptr, indices, values, sample_users, sample_items, batch, out, labels)
     elif target == "cuda":
         blocks = min(n_rows, MAX_BLOCKS)
         cuda_kernel()[blocks, THREADS_PER_BLOCK, stream](
-            indptr, indices, sample_users, sample_items, batch, out, labels
+            indptr, indices, values, sample_users, sample_items, batch, out, labels
         )
     else:
         raise ValueError(f"unknown kernel target {target!r} (expected 'cpu' or 'cuda')")

@@ -7,12 +7,14 @@ from reference import assemble_reference
 
 from gpu_ann.kernels.assemble import assemble_rows
 
+IMPLICIT = np.empty(0, np.float32)  # length 0: every value 1
 
-def run_cpu(indptr, indices, users, items, batch, n_items, buffer_rows=None):
+
+def run_cpu(indptr, indices, users, items, batch, n_items, buffer_rows=None, values=IMPLICIT):
     rows = buffer_rows or len(batch)
     out = np.full((rows, n_items + 3), np.nan, dtype=np.float32)  # poisoned: every cell must be written
     labels = np.full(rows, -7, dtype=np.int64)
-    assemble_rows(indptr, indices, users, items, batch.astype(np.int64), out, labels, target="cpu")
+    assemble_rows(indptr, indices, values, users, items, batch.astype(np.int64), out, labels, target="cpu")
     return out, labels
 
 
@@ -56,6 +58,42 @@ def test_random_cases_match_reference(seed):
     np.testing.assert_array_equal(labels, ref_labels)
 
 
+def test_values_replace_the_implicit_one_and_zero_values_still_count():
+    indptr, indices, users, items, n = hand_case()
+    # One value per stored entry; entry 1 (user 2's item 0, see cases.HAND_ROWS) is exactly 0.
+    values = np.linspace(-0.5, 1.0, len(indices)).astype(np.float32)
+    values[1] = 0.0
+    batch = np.arange(len(users))
+    out, labels = run_cpu(indptr, indices, users, items, batch, n, values=values)
+    ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n, values=values)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(labels, ref_labels)
+    # By hand for sample 2: user 2's row, target removed, each kept value over w; the features are the
+    # implicit ones, since w counts entries, whatever their values.
+    u, t = users[2], items[2]
+    lo, hi = indptr[u], indptr[u + 1]
+    kept = [(indices[k], values[k]) for k in range(lo, hi) if indices[k] != t]
+    for i, v in kept:
+        assert out[2, i] == pytest.approx(v / len(kept), rel=1e-6, abs=1e-7)
+    f = len(kept) / n
+    np.testing.assert_allclose(out[2, n:], [f, np.sqrt(f), f * f], rtol=1e-6)
+
+
+def test_values_with_bf16_output_round_like_torch():
+    import torch
+
+    indptr, indices, users, items, n = random_case(30, 61, 0.1, seed=3)
+    values = np.random.default_rng(3).normal(size=len(indices)).astype(np.float32)
+    batch = np.random.default_rng(4).integers(0, len(users), size=40).astype(np.int64)
+    out, _ = run_cpu(indptr, indices, users, items, batch, n, values=values)
+    bf16 = torch.empty((len(batch), n + 3), dtype=torch.bfloat16)
+    labels = np.zeros(len(batch), np.int64)
+    assemble_rows(indptr, indices, values, users, items, batch, bf16.view(torch.uint16).numpy(), labels, target="cpu")
+    np.testing.assert_array_equal(
+        bf16.view(torch.uint16).numpy(), torch.from_numpy(out).bfloat16().view(torch.uint16).numpy()
+    )
+
+
 def test_seen_ness_comes_from_structure_not_values():
     # Stored values of exactly 0 (a residual of 0, say) still mark the items as seen: the matrix keeps
     # the structure of whatever CSR it is given, and the kernel reads nothing but that structure.
@@ -81,7 +119,17 @@ def test_bf16_output_is_bit_exact_with_torchs_conversion():
     out32, labels32 = run_cpu(indptr, indices, users, items, batch, n)
     bf16 = torch.empty((len(batch), n + 3), dtype=torch.bfloat16)
     labels = np.empty(len(batch), np.int64)
-    assemble_rows(indptr, indices, users, items, batch, bf16.view(torch.uint16).numpy(), labels, target="cpu")
+    assemble_rows(
+        indptr,
+        indices,
+        np.empty(0, np.float32),
+        users,
+        items,
+        batch,
+        bf16.view(torch.uint16).numpy(),
+        labels,
+        target="cpu",
+    )
     expected = torch.from_numpy(out32).to(torch.bfloat16)
     assert torch.equal(bf16.view(torch.uint16), expected.view(torch.uint16))
     np.testing.assert_array_equal(labels, labels32)
@@ -98,7 +146,7 @@ def test_bf16_rounding_ties_to_even_against_hand_values():
     out = np.empty((2, n + 3), np.uint16)
     labels = np.empty(2, np.int64)
     users, targets = np.array([0, 1], np.int32), np.array([n - 1, n - 1], np.int32)  # targets not in the rows
-    assemble_rows(indptr, indices, users, targets, np.array([0, 1]), out, labels)
+    assemble_rows(indptr, indices, np.empty(0, np.float32), users, targets, np.array([0, 1]), out, labels)
     assert np.float32(257 / 512).view(np.uint32) == 0x3F008000
     assert out[0, n] == 0x3F00 and out[1, n] == 0x3F02
     assert out[0, 0] == 0x3B7F and out[1, 0] == 0x3B7D
@@ -121,7 +169,7 @@ def test_int64_output_offsets_last_row_of_a_batch_past_2_pow_31_elements():
     batch[-1] = 1
     out = np.empty((rows, n_cols), np.uint16)
     labels = np.empty(rows, np.int64)
-    assemble_rows(indptr, indices, users, items, batch, out, labels)
+    assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, out, labels)
     last = out[-1]
     third = np.float32(1 / 3).view(np.uint32)
     third_bf16 = (third + 0x7FFF + ((third >> 16) & 1)) >> 16

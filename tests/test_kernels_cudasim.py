@@ -20,11 +20,14 @@ def tiny_launch(monkeypatch):
     monkeypatch.setattr(assemble, "MAX_BLOCKS", 3)
 
 
-def run_sim(indptr, indices, users, items, batch, n_items, buffer_rows=None):
+IMPLICIT = np.empty(0, np.float32)  # length 0: every value 1
+
+
+def run_sim(indptr, indices, users, items, batch, n_items, buffer_rows=None, values=IMPLICIT):
     rows = buffer_rows or len(batch)
     out = np.full((rows, n_items + 3), np.nan, dtype=np.float32)
     labels = np.full(rows, -7, dtype=np.int64)
-    assemble.assemble_rows(indptr, indices, users, items, batch.astype(np.int64), out, labels, target="cuda")
+    assemble.assemble_rows(indptr, indices, values, users, items, batch.astype(np.int64), out, labels, target="cuda")
     return out, labels
 
 
@@ -56,13 +59,24 @@ def test_random_case_matches_reference():
     np.testing.assert_array_equal(labels, ref_labels)
 
 
+def test_values_match_reference():
+    indptr, indices, users, items, n = random_case(10, 23, 0.25, seed=7)
+    values = np.random.default_rng(7).normal(size=len(indices)).astype(np.float32)
+    values[::5] = 0.0  # a value of 0 is still a seen item
+    batch = np.random.default_rng(8).integers(0, len(users), size=9)
+    out, labels = run_sim(indptr, indices, users, items, batch, n, values=values)
+    ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n, values=values)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(labels, ref_labels)
+
+
 def test_bf16_output_matches_the_cpu_twin_bit_for_bit():
     indptr, indices, users, items, n = random_case(10, 37, 0.3, seed=9)
     batch = np.random.default_rng(9).integers(0, len(users), size=8).astype(np.int64)
     sim = np.zeros((8, n + 3), np.uint16)
     cpu = np.zeros((8, n + 3), np.uint16)
     labels = np.zeros(8, np.int64)
-    assemble.assemble_rows(indptr, indices, users, items, batch, sim, labels, target="cuda")
-    assemble.assemble_rows(indptr, indices, users, items, batch, cpu, labels, target="cpu")
+    assemble.assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, sim, labels, target="cuda")
+    assemble.assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, cpu, labels, target="cpu")
     np.testing.assert_array_equal(sim, cpu)
     assert (sim != 0).any()

@@ -13,7 +13,7 @@ def test_dense_first_layer_is_the_mean_item_embedding_plus_count_features():
     batch = np.arange(len(users), dtype=np.int64)
     out = np.empty((len(batch), n + 3), np.float32)
     labels = np.empty(len(batch), np.int64)
-    assemble_rows(indptr, indices, users, items, batch, out, labels)
+    assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, out, labels)
     torch.manual_seed(0)
     model = CandidateGenerator(n, hidden=(6, 5, 4)).double()
     W = model.embed.weight.detach().numpy()  # [6, n+3]

@@ -156,7 +156,7 @@ def test_cpu_kernel_matches_reference_and_bf16_is_torchs_rounding(case):
 
     out = np.full((n + spare, width), np.nan, dtype=np.float32)
     labels = np.full(n + spare, -7, dtype=np.int64)
-    assemble_rows(indptr, indices, users, items, batch, out, labels, target="cpu")
+    assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, out, labels, target="cpu")
     ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n_cols)
     np.testing.assert_allclose(out[:n], ref, rtol=1e-6, atol=0)
     np.testing.assert_array_equal(labels[:n], ref_labels)
@@ -164,7 +164,7 @@ def test_cpu_kernel_matches_reference_and_bf16_is_torchs_rounding(case):
 
     bits = np.full((n + spare, width), 0xFFFF, dtype=np.uint16)
     labels16 = np.full(n + spare, -7, dtype=np.int64)
-    assemble_rows(indptr, indices, users, items, batch, bits, labels16, target="cpu")
+    assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, bits, labels16, target="cpu")
     expected = torch.from_numpy(np.ascontiguousarray(out[:n])).to(torch.bfloat16).view(torch.uint16).numpy()
     np.testing.assert_array_equal(bits[:n], expected)
     np.testing.assert_array_equal(labels16[:n], ref_labels)

@@ -37,6 +37,7 @@ def test_assemble_kernel_compiles_to_sm90_ptx_without_float64(driverless, out_dt
     sig = (
         types.int64[::1],
         types.int32[::1],
+        types.float32[::1],  # values (length 0: implicit)
         types.int32[::1],
         types.int32[::1],
         types.int64[::1],
