@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpu_ann.data.readers import BUNDLED_ANIME, DUPLICATE, load_bundled_anime, read_ratings
-from gpu_ann.data.table import DataError, RatingsTable
+from gpu_ann.data.readers import BUNDLED_ANIME, load_bundled_anime, read_ratings
+from gpu_ann.data.table import DUPLICATE, DataError, RatingsTable
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ML_SMALL = SHARED_DATA / "ml-latest-small" / "ratings.csv"
