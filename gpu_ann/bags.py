@@ -391,8 +391,31 @@ def _row_statistics(matrix: InteractionMatrix) -> tuple[float, int]:
     total, squares, longest = matrix.backend.to_host(
         xp.stack([lengths.sum(), (lengths * lengths).sum(), lengths.max()])
     )
+    return _bag_statistics(float(total), float(squares), int(longest))
+
+
+def _bag_statistics(total: float, squares: float, longest: int) -> tuple[float, int]:
     # A training sample is a stored entry: its user has l items with probability l / total, and its bag l - 1.
-    return float(squares / total - 1.0), int(longest)
+    return (squares / total - 1.0 if total else 0.0), longest
+
+
+def row_statistics(row_lengths: np.ndarray) -> tuple[float, int]:
+    """(mean bag length of a training sample, longest row) from the rows' lengths on the host.
+
+    Parameters
+    ----------
+    row_lengths : numpy.ndarray
+        Items in each user's input row (e.g. ``numpy.bincount`` of the training users).
+
+    Returns
+    -------
+    (float, int)
+        ``sum(l**2) / sum(l) - 1`` (0 for an empty matrix) and ``max(l)``.
+    """
+    lengths = np.asarray(row_lengths, dtype=np.float64)
+    if lengths.size == 0:
+        return 0.0, 0
+    return _bag_statistics(float(lengths.sum()), float((lengths * lengths).sum()), int(lengths.max()))
 
 
 class StepBytes(NamedTuple):
@@ -446,13 +469,48 @@ def bytes_per_step(
     ValueError
         ``path`` is neither ``"dense"`` nor ``"sparse"``.
     """
+    if path not in PATHS:
+        raise ValueError(f"unknown input path {path!r}: expected one of {PATHS}")
+    stats = _row_statistics(matrix) if path == "sparse" else (0.0, 0)
+    return step_bytes(matrix.n_items, stats, batch_size, path, embedding_dim=embedding_dim, input_bytes=input_bytes)
+
+
+def step_bytes(
+    n_items: int,
+    stats: tuple[float, int],
+    batch_size: int,
+    path: str,
+    *,
+    embedding_dim: int = 256,
+    input_bytes: int = 4,
+) -> StepBytes:
+    """:func:`bytes_per_step` from sizes alone: no matrix, nothing on the device.
+
+    Parameters
+    ----------
+    n_items : int
+        Catalogue size.
+    stats : (float, int)
+        Mean training bag length and longest row, from :func:`row_statistics`.
+    batch_size, path, embedding_dim, input_bytes
+        As for :func:`bytes_per_step`.
+
+    Returns
+    -------
+    StepBytes
+
+    Raises
+    ------
+    ValueError
+        ``path`` is neither ``"dense"`` nor ``"sparse"``.
+    """
     labels = 8 * batch_size
     if path == "dense":
-        batch = batch_size * (matrix.n_items + N_FEATURES) * input_bytes
+        batch = batch_size * (n_items + N_FEATURES) * input_bytes
         return StepBytes(3 * batch, batch + labels)
     if path != "sparse":
         raise ValueError(f"unknown input path {path!r}: expected one of {PATHS}")
-    mean_bag, longest = _row_statistics(matrix)
+    mean_bag, longest = stats
     per_entry = 3 * (8 + 4) + 2 * embedding_dim * 4
     per_row = 8 + N_FEATURES * 4  # an offset and the features
     moved = int(batch_size * (mean_bag * per_entry + 3 * per_row))

@@ -301,6 +301,8 @@ class ResumeState:
         The run ended (early stop or its limit); resuming it does nothing.
     elapsed_s : float
         Seconds the run had taken, so a resumed run's times and throughput continue from there.
+    sampler_rng : torch.Tensor, optional
+        The negative sampler's generator state (sampled softmax), None otherwise.
     """
 
     model_state: dict[str, torch.Tensor]
@@ -317,6 +319,7 @@ class ResumeState:
     data_fingerprint: str
     finished: bool = False
     elapsed_s: float = 0.0
+    sampler_rng: torch.Tensor | None = None
 
 
 def save_resume_state(run_dir: Path, state: ResumeState) -> None:

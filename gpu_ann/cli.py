@@ -186,6 +186,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-epochs", type=_positive, default=DEFAULTS.max_epochs, help="stop after this many epochs")
     s.add_argument("--max-steps", type=_positive, default=None, help="stop after this many steps (overrides epochs)")
+    x = t.add_argument_group("scale: large catalogues, precision, memory, torchrun")
+    x.add_argument(
+        "--input-path",
+        choices=("auto", "dense", "sparse"),
+        default=DEFAULTS.input_path,
+        help="first layer on densified rows, or EmbeddingBag over each row's items; auto picks the one that "
+        "moves fewer bytes per step",
+    )
+    x.add_argument(
+        "--softmax",
+        choices=("full", "sampled"),
+        default=DEFAULTS.softmax,
+        help="training loss over every item, or over the target and --negatives sampled items (log-Q "
+        "corrected); evaluation always uses the full softmax",
+    )
+    x.add_argument(
+        "--negatives", type=_positive, default=DEFAULTS.negatives, help="sampled softmax: negatives per batch"
+    )
+    x.add_argument(
+        "--negative-sampling",
+        choices=("popularity", "uniform"),
+        default=DEFAULTS.negative_sampling,
+        help="sampled softmax: draw negatives by training count**0.75, or uniformly",
+    )
+    x.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=DEFAULTS.precision,
+        help="bf16: bfloat16 autocast and bf16 dense batches, fp32 master weights",
+    )
+    x.add_argument("--compile", action="store_true", help="compile the loss computation with torch.compile")
+    x.add_argument(
+        "--memory-budget",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="refuse, before allocating, a run estimated to need more; takes 500M, 4G, 4GiB "
+        "(default: 90%% of the device's free memory)",
+    )
+    x.add_argument(
+        "--replica-check-every",
+        type=int,
+        default=DEFAULTS.replica_check_every,
+        metavar="N",
+        help="under torchrun: every N steps check that all ranks hold identical weights (0: never)",
+    )
     r = t.add_argument_group("where")
     r.add_argument(
         "--backend",
@@ -308,8 +354,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
     from gpu_ann.config import ConfigError, to_toml
     from gpu_ann.training import train
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun sets RANK; a plain run is rank 0
 
     if args.resume:
         from gpu_ann.training import resume_run
@@ -324,9 +374,12 @@ def _train(args: argparse.Namespace) -> int:
         result = resume_run(args.resume)
     else:
         cfg = _train_config(args)
-        print("gpu-ann train, effective config (saved as config.toml in the run directory):")
-        print(to_toml(cfg.to_dict(), "train"), end="")
+        if main_rank:
+            print("gpu-ann train, effective config (saved as config.toml in the run directory):")
+            print(to_toml(cfg.to_dict(), "train"), end="")
         result = train(cfg)
+    if not main_rank:  # under torchrun only rank 0 reports (the others' results hold no evaluation)
+        return 0
     verdict = "below" if result.final_validation_loss < result.popularity_validation_loss else "NOT below"
     steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
     print(

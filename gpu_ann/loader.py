@@ -12,6 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from gpu_ann.backend import get_backend
+from gpu_ann.bags import PATHS, BagAssembler, BagBuffers, Bags
 from gpu_ann.batching import BatchAssembler
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.handoff import BatchBuffers
@@ -78,7 +79,19 @@ class BatchLoader(IterableDataset):
     seed : int
         Seed of the epoch orders: epoch ``e`` uses ``numpy.random.default_rng([seed, e])`` on every backend.
     dtype : torch.dtype
-        ``torch.float32`` or ``torch.bfloat16`` inputs.
+        ``torch.float32`` or ``torch.bfloat16`` inputs (dense path).
+    buffers : BatchBuffers or gpu_ann.bags.BagBuffers, optional
+        Buffers to share with another loader or evaluation set used in turn.
+    path : {"dense", "sparse"}
+        ``"dense"`` yields :class:`Batch` rows ``[B, n_items + 3]``; ``"sparse"`` yields
+        :class:`gpu_ann.bags.Bags` (the row's items as ``EmbeddingBag`` inputs, for
+        ``CandidateGenerator.forward_bags``), whose memory does not grow with the catalogue.
+    rank, world_size : int
+        Data-parallel share: every rank draws the same epoch order (seeded by ``[seed, epoch]``), padded by
+        repeating its first samples to a multiple of ``world_size``, and takes every ``world_size``-th sample
+        from position ``rank``. All ranks then have the same number of batches (no rank waits for another at
+        an epoch's end), and the ``world_size`` batches of one step together hold the samples of one batch
+        of ``batch_size * world_size`` in a single-process run.
 
     Notes
     -----
@@ -102,15 +115,29 @@ class BatchLoader(IterableDataset):
         drop_last: bool = False,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
-        buffers: BatchBuffers | None = None,
+        buffers: BatchBuffers | BagBuffers | None = None,
+        path: str = "dense",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         self.matrix = matrix
-        self.assembler: BatchAssembler | None = BatchAssembler(matrix, samples, batch_size, buffers, dtype=dtype)
+        self.path = path
+        if path == "dense":
+            self.assembler = BatchAssembler(matrix, samples, batch_size, buffers, dtype=dtype)
+        elif path == "sparse":
+            self.assembler = BagAssembler(matrix, samples, batch_size, buffers)
+        else:
+            raise ValueError(f"unknown input path {path!r}: expected one of {PATHS}")
         self.batch_size = batch_size
         self.n_samples = len(samples)
+        self.rank, self.world_size = rank, world_size
+        # This rank's share of an epoch: every rank gets the same count, padded up (see the class docstring).
+        self.n_local = -(-self.n_samples // world_size)
         self.shuffle = shuffle
         self.replacement = replacement
         self.drop_last = drop_last
@@ -211,11 +238,11 @@ class BatchLoader(IterableDataset):
         return self.matrix.backend.torch_device
 
     @property
-    def buffers(self) -> BatchBuffers:
+    def buffers(self) -> BatchBuffers | BagBuffers:
         return self._live().buffers
 
     def __len__(self) -> int:
-        n, b = self.n_samples, self.batch_size
+        n, b = self.n_local, self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -235,7 +262,7 @@ class BatchLoader(IterableDataset):
         self.start_batch = start_batch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The sample indices of one epoch, in order, on the host.
+        """This rank's sample indices for one epoch, in order, on the host.
 
         Parameters
         ----------
@@ -245,24 +272,30 @@ class BatchLoader(IterableDataset):
         n = self.n_samples
         rng = np.random.default_rng([self.seed, epoch])
         if self.replacement:
-            return rng.integers(0, n, size=n, dtype=np.int64)
-        if self.shuffle:
-            return rng.permutation(n).astype(np.int64)
-        return np.arange(n, dtype=np.int64)
+            order = rng.integers(0, n, size=n, dtype=np.int64)
+        elif self.shuffle:
+            order = rng.permutation(n).astype(np.int64)
+        else:
+            order = np.arange(n, dtype=np.int64)
+        if self.world_size == 1:
+            return order
+        padded = np.resize(order, self.n_local * self.world_size)  # repeats from the start to fill
+        return padded[self.rank :: self.world_size]
 
-    def _live(self) -> BatchAssembler:
+    def _live(self) -> BatchAssembler | BagAssembler:
         if self.assembler is None:
             raise RuntimeError("this BatchLoader is closed")
         return self.assembler
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | Bags]:
         assembler = self._live()
         if get_worker_info() is not None:
             raise RuntimeError("gpu_ann BatchLoader builds batches on the device itself: use num_workers=0")
         order = assembler.to_device_indices(self.epoch_order(self.epoch))  # one host-device copy per epoch
         first, self.start_batch = self.start_batch * self.batch_size, 0
         for start in range(first, len(self) * self.batch_size, self.batch_size):
-            yield Batch(*assembler.assemble(order[start : start + self.batch_size]))
+            batch = assembler.assemble(order[start : start + self.batch_size])
+            yield batch if self.path == "sparse" else Batch(*batch)
         self.epoch += 1
 
     def close(self) -> None:

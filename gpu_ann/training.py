@@ -1,19 +1,26 @@
-"""Training the candidate generator: a loop that reads top to bottom, with no device branches."""
+"""Training the candidate generator: a loop that reads top to bottom, with no device branches.
+
+What differs between runs (dense rows or bags, full or sampled softmax, fp32 or bf16, one process or a
+``torchrun`` group) is decided once before the loop, in :func:`_prepare`, and hidden behind the loader,
+:class:`~gpu_ann.objective.Objective` and :class:`~gpu_ann.distributed.Replicas`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from gpu_ann import planner
 from gpu_ann.backend import get_backend
+from gpu_ann.bags import PATHS, FixedBags, row_statistics, step_bytes
 from gpu_ann.batching import FixedBatches
 from gpu_ann.checkpoint import (
     STATE_FILE,
@@ -29,15 +36,21 @@ from gpu_ann.checkpoint import (
     save_data,
     save_resume_state,
 )
-from gpu_ann.data.readers import load_bundled_anime, read_ratings
+from gpu_ann.data.readers import read_ratings
 from gpu_ann.data.table import RatingsTable
+from gpu_ann.distributed import Replicas
 from gpu_ann.loader import BatchLoader
-from gpu_ann.metrics import mean_loss, popularity_loss
+from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
+from gpu_ann.objective import SOFTMAXES, Objective
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
-from gpu_ann.splits import make_split, splits_from_assignment, splits_from_tables
+from gpu_ann.sampled import NegativeSampler
+from gpu_ann.splits import FOLD_IN, TRAIN, make_split, splits_from_assignment, splits_from_tables
+from gpu_ann.train_config import TrainConfig, TrainResult, load_table
 from gpu_ann.values import input_matrix
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "load_table", "resume_run", "train"]
 
 log = logging.getLogger("gpu_ann.training")
 
@@ -46,169 +59,88 @@ class TrainingDiverged(RuntimeError):
     """The loss stopped being a finite number."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; split, model and optimiser defaults are the seed notebook's.
+def _read_and_split(cfg: TrainConfig, table: RatingsTable | None, resume) -> tuple:
+    """``(table, splits, assignment)``: the ratings and split ``cfg`` names, or a resumed run's stored split."""
+    if table is None and cfg.train_file is None:
+        with stage("reading ratings"):
+            table = load_table(cfg)
+    if resume is not None:
+        return table, splits_from_assignment(table, resume[1]), resume[1]
+    if cfg.train_file is not None:
+        if cfg.validation_file is None:
+            raise ValueError("a split given as files needs --validation as well as --train")
+        options = dict(user_col=cfg.user_col, item_col=cfg.item_col, rating_col=cfg.rating_col, sep=cfg.sep)
+        with stage("reading the split files"):
+            files = (cfg.train_file, cfg.validation_file, cfg.test_file)
+            parts = [read_ratings(path, header=cfg.header, **options) if path else None for path in files]
+            return splits_from_tables(*parts)
+    with stage("splitting"):
+        splits, assignment = make_split(
+            table, cfg.protocol, cfg.split, cfg.seed, cfg.min_user_items, cfg.leave_last, cfg.fold_in
+        )
+    return table, splits, assignment
 
-    Saved with every checkpoint (:meth:`to_dict`) and written as ``config.toml`` in the run directory.
 
-    Parameters
-    ----------
-    data : str, optional
-        Ratings file to read; ``None`` reads the bundled anime ratings.
-    user_col, item_col, rating_col : str, optional
-        Column names or 0-based positions for :func:`gpu_ann.read_ratings`; ``None`` lets it guess.
-    sep : str, optional
-        Field separator for text files; ``None`` picks it from the suffix or the first line.
-    header : bool
-        Whether a text file's first line holds column names.
-    split : tuple of three floats
-        Train / validation / test shares (of interactions, of each user's items, or of users, by protocol).
-    protocol : {"random", "per-user", "leave-last", "users"}
-        The split protocol, see :func:`gpu_ann.splits.make_split`.
-    train_file, validation_file, test_file : str, optional
-        A split given as files (read with the same column options); replaces ``data`` and ``protocol``.
-    min_user_items : int
-        ``per-user``: users with fewer interactions stay whole in training.
-    leave_last : int
-        ``leave-last``: interactions per user in each of validation and test.
-    fold_in : float
-        ``users``: share of a held-out user's items used as input.
-    seed : int
-        Seeds the split, the epoch orders, the evaluation batches and the model's initial weights.
-    hidden : tuple of three ints
-        Hidden layer widths of :class:`gpu_ann.CandidateGenerator`.
-    lr : float
-        Adam learning rate.
-    batch_size : int
-        Samples per training and evaluation batch.
-    sampling : {"epoch", "replacement"}
-        ``"epoch"``: each sample once per epoch, shuffled; ``"replacement"``: drawn with replacement
-        (the seed notebook's sampling).
-    eval_every : int
-        Training steps between evaluations.
-    eval_batches : int
-        Fixed random batches per split (train and validation) in each evaluation.
-    patience : int
-        Evaluations without a better validation loss before training stops.
-    max_epochs : int
-        Epochs to train when ``max_steps`` is None.
-    max_steps : int, optional
-        Steps to train; overrides ``max_epochs``.
-    backend : {"auto", "cpu", "cuda"}
-        See :func:`gpu_ann.get_backend`.
-    out : str
-        Run directory for data, checkpoint, config and logs.
-    tensorboard : bool
-        Also log to ``out/tensorboard`` (needs the tensorboard package).
+def _check_choices(cfg: TrainConfig) -> None:
+    for name, value, choices in (
+        ("input_path", cfg.input_path, ("auto", *PATHS)),
+        ("softmax", cfg.softmax, SOFTMAXES),
+        ("negative_sampling", cfg.negative_sampling, ("popularity", "uniform")),
+    ):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}: expected one of {choices}")
+    if cfg.softmax == "sampled" and cfg.negatives < 1:
+        raise ValueError(f"the sampled softmax needs --negatives >= 1, got {cfg.negatives}")
+
+
+def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, world_size: int) -> str:
+    """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
+
+    Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
+    free memory, a sync, when no budget is given).
     """
-
-    # data: None = the bundled anime ratings
-    data: str | None = None
-    user_col: str | None = None
-    item_col: str | None = None
-    rating_col: str | None = None
-    sep: str | None = None
-    header: bool = True
-    # split: the seed's seeded random 80/10/10 split of the interactions
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    protocol: str = "random"  # random | per-user | leave-last | users (gpu_ann.splits.make_split)
-    train_file: str | None = None  # the user's own split: training interactions (replaces data + protocol)
-    validation_file: str | None = None  # ... validation interactions (needed with train_file)
-    test_file: str | None = None  # ... test interactions (optional)
-    min_user_items: int = 5  # per-user: users with fewer items stay in training
-    leave_last: int = 1  # leave-last: items per user in each of validation and test
-    fold_in: float = 0.8  # users: share of a held-out user's items used as input
-    # model and optimiser: the seed's MLP and Adam(1e-3)
-    input_values: str = "implicit"  # implicit | rating | residual (gpu_ann.values)
-    hidden: tuple[int, int, int] = (256, 512, 256)
-    lr: float = 1e-3
-    batch_size: int = 1024
-    sampling: str = "epoch"  # "epoch": shuffled, each sample once per epoch; "replacement": the seed's
-    # evaluation and stopping
-    eval_every: int = 100  # steps between evaluations
-    eval_batches: int = 10  # fixed random batches per split per evaluation
-    patience: int = 5  # evaluations without a better validation loss before stopping
-    max_epochs: int = 3
-    max_steps: int | None = None
-    # where
-    backend: str = "auto"
-    out: str = "runs/anime"
-    tensorboard: bool = False  # also log to run_dir/tensorboard (needs the tensorboard package)
-
-    def to_dict(self) -> dict:
-        """The fields as a new dict (``dataclasses.asdict``: tuples stay tuples)."""
-        return dataclasses.asdict(self)
+    inputs = np.isin(assignment, (TRAIN, FOLD_IN))  # the input matrix: training and fold-in rows
+    lengths = np.bincount(table.user[inputs], minlength=table.n_users)
+    stats = row_statistics(lengths)
+    input_bytes = 2 if cfg.precision == "bf16" else 4
+    path = cfg.input_path
+    if path == "auto":
+        moved = {p: step_bytes(table.n_items, stats, cfg.batch_size, p, embedding_dim=cfg.hidden[0],
+                               input_bytes=input_bytes).moved for p in PATHS}  # fmt: skip
+        path = "sparse" if moved["sparse"] < moved["dense"] else "dense"
+    plan = planner.estimate(
+        table.n_users,
+        table.n_items,
+        int(inputs.sum()),
+        -(-len(splits.train) // world_size),  # the loader holds all samples; its order only this rank's share
+        cfg.batch_size,
+        hidden=tuple(cfg.hidden),
+        path=path,
+        softmax=cfg.softmax,
+        negatives=cfg.negatives if cfg.softmax == "sampled" else None,
+        out_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+        max_row_length=max(stats[1], 1),
+        device=backend.name,
+        values=cfg.input_values != "implicit",
+        n_eval_samples=len(splits.train) + len(splits.validation),
+    )
+    if cfg.memory_budget is not None:
+        budget, where = cfg.memory_budget, "--memory-budget"
+    else:
+        budget = int(0.9 * planner.device_budget(backend))  # host-device sync on CUDA, once
+        where = f"90% of the memory free on {backend.torch_device}"
+    planner.check(plan, budget, where)
+    log.info("input path %s, softmax %s; estimated memory %s of %s", path, cfg.softmax,
+             planner.format_bytes(plan.total), planner.format_bytes(budget))  # fmt: skip
+    return path
 
 
-@dataclass
-class TrainResult:
-    """What :func:`train` returns; losses are mean cross-entropies in nats.
-
-    Parameters
-    ----------
-    run_dir : Path
-        The run directory written.
-    steps : int
-        Optimiser steps taken.
-    best_validation_loss : float
-        Best loss on the fixed validation batches, the one checkpointed.
-    final_validation_loss : float
-        Loss of that best model on the whole validation split.
-    popularity_validation_loss : float
-        The add-one smoothed popularity baseline on the whole validation split.
-    history : list of dict
-        One record per evaluation (the lines of ``metrics.jsonl``).
-    seconds : float
-        Wall time from the start of the run to the end of training (reading and evaluations included,
-        the final whole-split evaluation not).
-    samples_per_second : float
-        Training samples (``steps * batch_size``) over ``seconds``.
-    example_user : str
-        A raw user id of the data, for the hint printed at the end.
-    config : TrainConfig
-        The settings the run used.
-    """
-
-    run_dir: Path
-    steps: int
-    best_validation_loss: float
-    final_validation_loss: float  # the best model on the whole validation split
-    popularity_validation_loss: float
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    samples_per_second: float = 0.0  # training samples over the whole run's time, evaluation included
-    example_user: str = ""  # a raw user id of the data, for the hint printed at the end
-    config: TrainConfig | None = None  # the settings the run used
-
-
-def load_table(cfg: TrainConfig) -> RatingsTable:
-    """Read the ratings ``cfg`` names: ``cfg.data`` with its column options, or the bundled anime data.
-
-    Parameters
-    ----------
-    cfg : TrainConfig
-        Uses ``data``, ``user_col``, ``item_col``, ``rating_col``, ``sep`` and ``header``.
-
-    Returns
-    -------
-    RatingsTable
-
-    Raises
-    ------
-    DataError
-        The file cannot be read as ratings; the message names the file, line and value.
-    """
-    if cfg.data is None:
-        return load_bundled_anime()
-    return read_ratings(
-        cfg.data,
-        user_col=cfg.user_col,
-        item_col=cfg.item_col,
-        rating_col=cfg.rating_col,
-        sep=cfg.sep,
-        header=cfg.header,
+def _sampler(cfg: TrainConfig, splits, n_items: int, device: torch.device) -> NegativeSampler | None:
+    if cfg.softmax == "full":
+        return None
+    counts = np.bincount(splits.train.item, minlength=n_items) if cfg.negative_sampling == "popularity" else None
+    return NegativeSampler(
+        n_items, cfg.negatives, cfg.negative_sampling, counts, power=0.75, device=device, seed=cfg.seed
     )
 
 
@@ -220,7 +152,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     after ``cfg.patience`` evaluations without one, or after ``max_steps`` / ``max_epochs``. The run
     directory ``cfg.out`` appears with the first checkpoint and then holds ``data.npz``, ``model.pt``,
     ``config.toml``, ``metrics.jsonl`` and ``curves.png``. The loss is read back to the host only at
-    evaluation time.
+    evaluation time. Under ``torchrun`` every rank trains on its share of each batch and only rank 0
+    evaluates and writes (see :mod:`gpu_ann.distributed`).
 
     Parameters
     ----------
@@ -244,40 +177,23 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         The ratings cannot be read, or give an empty training or validation split.
     BackendUnavailable
         ``cfg.backend == "cuda"`` where CUDA cannot run.
+    MemoryBudgetExceeded
+        The planner's estimate for these settings exceeds the memory budget (nothing was allocated).
     ValueError
         Invalid settings, e.g. split fractions that do not sum to 1 or an unknown backend.
     """
     started = time.perf_counter()
-    backend = get_backend(cfg.backend)
-    if table is None and cfg.train_file is None:
-        with stage("reading ratings"):
-            table = load_table(cfg)
-    if resume is not None:
-        state, assignment = resume
-        splits = splits_from_assignment(table, assignment)
-    elif cfg.train_file is not None:
-        if cfg.validation_file is None:
-            raise ValueError("a split given as files needs --validation as well as --train")
-        with stage("reading the split files"):
-            parts = [
-                read_ratings(
-                    path,
-                    user_col=cfg.user_col,
-                    item_col=cfg.item_col,
-                    rating_col=cfg.rating_col,
-                    sep=cfg.sep,
-                    header=cfg.header,
-                )
-                if path
-                else None
-                for path in (cfg.train_file, cfg.validation_file, cfg.test_file)
-            ]
-            table, splits, assignment = splits_from_tables(*parts)
-    else:
-        with stage("splitting"):
-            splits, assignment = make_split(
-                table, cfg.protocol, cfg.split, cfg.seed, cfg.min_user_items, cfg.leave_last, cfg.fold_in
-            )
+    _check_choices(cfg)
+    backend = get_backend(cfg.backend, device=int(os.environ.get("LOCAL_RANK", "0")) if cfg.backend != "cpu" else None)
+    replicas = Replicas(backend.name)
+    try:
+        return _train(cfg, table, resume, backend, replicas, started)
+    finally:
+        replicas.close()
+
+
+def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> TrainResult:
+    table, splits, assignment = _read_and_split(cfg, table, resume)
     n_items = table.n_items
     log.info(
         "data %s: %d users, %d items, %s; %d train / %d validation / %d test samples; backend %s",
@@ -290,22 +206,36 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         len(splits.test),
         backend.name,
     )
+    path = _plan(cfg, table, splits, assignment, backend, replicas.world_size)
 
     with stage(f"building the matrix on {backend.name}"):
         # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
         matrix = input_matrix(backend, table, assignment, cfg.input_values)
-    loader = BatchLoader(matrix, splits.train, cfg.batch_size, replacement=cfg.sampling == "replacement", seed=cfg.seed)
-    # Evaluation runs between steps, so it shares the training loader's buffers.
-    buffers = loader.assembler.buffers
+    loader = BatchLoader(
+        matrix,
+        splits.train,
+        cfg.batch_size,
+        replacement=cfg.sampling == "replacement",
+        seed=cfg.seed,
+        dtype=torch.bfloat16 if cfg.precision == "bf16" and path == "dense" else torch.float32,
+        path=path,
+        rank=replicas.rank,
+        world_size=replicas.world_size,
+    )
+    # Evaluation runs between steps, so it shares the training loader's buffers; only rank 0 evaluates.
+    buffers = loader.buffers
+    Fixed = FixedBags if path == "sparse" else FixedBatches
     eval_sets = {
-        name: FixedBatches(matrix, splits[name], cfg.batch_size, cfg.eval_batches, cfg.seed, buffers)
-        for name in ("train", "validation")
+        name: Fixed(matrix, splits[name], cfg.batch_size, cfg.eval_batches, cfg.seed, buffers)
+        for name in (("train", "validation") if replicas.is_main else ())
     }
     popularity = popularity_loss(splits.train.item, splits.validation.item, n_items)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = CandidateGenerator(n_items, cfg.hidden).to(backend.torch_device)
     optimizer = model.configure_optimizer(cfg.lr)
+    sampler = _sampler(cfg, splits, n_items, backend.torch_device)
+    objective = Objective(model, sampler, cfg.precision, cfg.compile)
 
     run_dir = Path(cfg.out)
     data_fp = fingerprint(table)
@@ -313,20 +243,27 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
     best, bad_evals, step, history = math.inf, 0, 0, []
     epoch, batch_in_epoch = 0, 0
-    run_log = RunLog(run_dir, popularity, cfg.tensorboard)
+    run_log = RunLog(run_dir, popularity, cfg.tensorboard) if replicas.is_main else None
     if resume is not None:
+        state = resume[0]
         model.load_state_dict(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)
         torch.set_rng_state(state.torch_rng)
         if state.cuda_rng and backend.name == "cuda":
             torch.cuda.set_rng_state_all(state.cuda_rng)
+        if sampler is not None and state.sampler_rng is not None:
+            sampler.set_state(state.sampler_rng)
         best, bad_evals, step, history = state.best_validation_loss, state.bad_evals, state.step, list(state.history)
         epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
         started -= state.elapsed_s  # times and throughput continue from the interrupted run
-        run_log.restore(history)
+        if run_log is not None:
+            run_log.restore(history)
         log.info("resuming %s at step %d (epoch %d, batch %d)", run_dir, step, epoch, batch_in_epoch)
-    bar = tqdm(total=max_steps, initial=step, unit="step", desc="train", disable=None, dynamic_ncols=True)
-    stop = step >= max_steps or (resume is not None and state.finished)
+    bar = tqdm(
+        total=max_steps, initial=step, unit="step", desc="train", disable=None if replicas.is_main else True,
+        dynamic_ncols=True,
+    )  # fmt: skip
+    stop = step >= max_steps or (resume is not None and resume[0].finished)
     since = {"step": step, "time": time.perf_counter()}  # training throughput between evaluations
 
     def save_state(finished: bool = False) -> None:
@@ -349,14 +286,24 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
                 data_fp,
                 finished,
                 time.perf_counter() - started,
+                sampler.get_state() if sampler is not None else None,
             ),
         )
 
+    def mean_loss(batches) -> float:
+        """Full-softmax cross-entropy per sample over fixed batches (one host-device sync)."""
+        model.eval()
+        with torch.no_grad():
+            total = sum(objective.summed_cross_entropy(b) for b in batches)
+        model.train()
+        return float(total) / batches.n_samples  # host-device sync
+
     def evaluate(epoch: int) -> bool:
-        """Log losses, checkpoint an improvement; True when patience has run out."""
+        """Rank 0: log losses, checkpoint an improvement; True when patience has run out."""
         nonlocal best, bad_evals
         samples_per_s = (step - since["step"]) * cfg.batch_size / (time.perf_counter() - since["time"])
-        losses = {name: mean_loss(model, batches) for name, batches in eval_sets.items()}
+        samples_per_s *= replicas.world_size
+        losses = {name: mean_loss(batches) for name, batches in eval_sets.items()}
         if not math.isfinite(losses["validation"]):
             raise TrainingDiverged(
                 f"validation loss is {losses['validation']} at step {step}; try a lower --lr (now {cfg.lr})"
@@ -400,33 +347,39 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
 
     while not stop:
         loader.set_epoch(epoch, start_batch=batch_in_epoch)
-        for X, y in loader:
-            loss = F.cross_entropy(model(X), y)
+        for batch in loader:
+            loss = objective.loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            replicas.average_gradients(model.parameters())  # waits for the other ranks (torchrun only)
             optimizer.step()
             step += 1
             batch_in_epoch += 1
             bar.update()
+            if cfg.replica_check_every and step % cfg.replica_check_every == 0:
+                replicas.check_identical(model.parameters(), step)
             if step % cfg.eval_every == 0 or step == max_steps:
-                bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
-                stop = evaluate(epoch)
+                if replicas.is_main:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
+                    stop = evaluate(epoch)
+                stop = replicas.agree(stop, backend.torch_device)  # rank 0 decides for all
             if stop or step >= max_steps:
                 stop = True
                 break
         else:
             epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    seconds = time.perf_counter() - started
+    if not replicas.is_main:
+        return TrainResult(run_dir, step, math.nan, math.nan, popularity, [], seconds, config=cfg)
     if history:
         save_state(finished=True)
-    bar.close()
     run_log.close()
-    seconds = time.perf_counter() - started
 
     # The best model on the whole validation split, against popularity on the same samples.
     model.load_state_dict(load_checkpoint(run_dir).model_state)
     with stage("evaluating the best model on the whole validation split"):
-        full_val = FixedBatches(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers)
-        final = mean_loss(model, full_val)
+        final = mean_loss(Fixed(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers))
     return TrainResult(
         run_dir=run_dir,
         steps=step,
@@ -435,7 +388,7 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         popularity_validation_loss=popularity,
         history=history,
         seconds=seconds,
-        samples_per_second=step * cfg.batch_size / seconds if seconds else 0.0,
+        samples_per_second=step * cfg.batch_size * replicas.world_size / seconds if seconds else 0.0,
         example_user=str(table.user_ids[0]),
         config=cfg,
     )

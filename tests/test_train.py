@@ -181,8 +181,9 @@ def test_max_steps_and_sampling_with_replacement(tmp_path):
 
 def test_diverging_run_raises_and_leaves_no_run_directory(tmp_path, monkeypatch):
     import gpu_ann.training as train_module
+    from gpu_ann.objective import Objective
 
-    monkeypatch.setattr(train_module, "mean_loss", lambda model, batches: float("nan"))
+    monkeypatch.setattr(Objective, "summed_cross_entropy", lambda self, batch: torch.tensor(float("nan")))
     cfg = TrainConfig(
         backend="cpu",
         out=str(tmp_path / "run"),

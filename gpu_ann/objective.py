@@ -1,0 +1,128 @@
+"""What a training step minimises: one batch, either input path, either softmax, in the chosen precision.
+
+The trainer calls :meth:`Objective.loss` on whatever its loader yields (a dense ``Batch`` or sparse
+``Bags``) and never branches on the path, the softmax or the device itself. Evaluation always uses the
+full softmax (:meth:`Objective.summed_cross_entropy`), whatever the training loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from gpu_ann.bags import Bags
+from gpu_ann.model import CandidateGenerator
+from gpu_ann.sampled import NegativeSampler, sampled_softmax_loss
+
+PRECISIONS = ("fp32", "bf16")
+SOFTMAXES = ("full", "sampled")
+
+
+def hidden_and_labels(model: CandidateGenerator, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden layer of a dense ``(X, y)`` batch or of :class:`~gpu_ann.bags.Bags`, and its labels.
+
+    Parameters
+    ----------
+    model : CandidateGenerator
+        The model.
+    batch : gpu_ann.loader.Batch or gpu_ann.bags.Bags
+        What a :class:`~gpu_ann.loader.BatchLoader` yields on either path.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``[B, h2]`` and the ``[B]`` int64 target items.
+    """
+    if isinstance(batch, Bags):
+        return model.hidden_bags(batch.indices, batch.offsets, batch.weights, batch.features), batch.labels
+    X, y = batch
+    return model.hidden(X), y
+
+
+class Objective:
+    """The loss of one training batch for a model, an input path, a softmax and a precision.
+
+    Parameters
+    ----------
+    model : CandidateGenerator
+        The model being trained (its parameters stay float32: the master weights).
+    sampler : NegativeSampler, optional
+        Draws each batch's negatives; given, the loss is the sampled softmax with the log-Q correction
+        (:func:`gpu_ann.sampled.sampled_softmax_loss`), otherwise the full softmax over every item.
+    precision : {"fp32", "bf16"}
+        ``"bf16"`` runs forward and loss under ``torch.autocast`` in bfloat16 (on the CPU as on the GPU);
+        the logits' log-softmax is still taken in float32.
+    compile : bool
+        Wrap the loss computation in ``torch.compile`` (compiled on first use; the sparse path's batches
+        vary in total bag length, so it is compiled with dynamic shapes).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``precision``.
+    """
+
+    def __init__(
+        self,
+        model: CandidateGenerator,
+        sampler: NegativeSampler | None = None,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: expected one of {PRECISIONS}")
+        self.model = model
+        self.sampler = sampler
+        self.precision = precision
+        self._device_type = next(model.parameters()).device.type
+        self._loss = torch.compile(self._eager_loss, dynamic=True) if compile else self._eager_loss
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context for forward passes (a no-op for fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self._device_type, dtype=torch.bfloat16)
+
+    def _eager_loss(self, batch, negatives, log_q) -> torch.Tensor:
+        h, y = hidden_and_labels(self.model, batch)
+        out = self.model.out
+        if negatives is None:
+            return F.cross_entropy(out(h).float(), y)
+        return sampled_softmax_loss(h, out.weight, out.bias, y, negatives, log_q)
+
+    def loss(self, batch) -> torch.Tensor:
+        """The mean training loss of one batch (a scalar on the device; nothing is read back).
+
+        Parameters
+        ----------
+        batch : gpu_ann.loader.Batch or gpu_ann.bags.Bags
+            One batch of the training loader.
+
+        Returns
+        -------
+        torch.Tensor
+            Float32 scalar, ready for ``backward()``.
+        """
+        # The draw happens outside the compiled region: it advances the sampler's own generator.
+        negatives, log_q = self.sampler.sample() if self.sampler is not None else (None, None)
+        with self.autocast():
+            return self._loss(batch, negatives, log_q)
+
+    def summed_cross_entropy(self, batch) -> torch.Tensor:
+        """Full-softmax cross-entropy summed over a batch, for evaluation (call it under ``no_grad``).
+
+        Parameters
+        ----------
+        batch : gpu_ann.loader.Batch or gpu_ann.bags.Bags
+            One evaluation batch.
+
+        Returns
+        -------
+        torch.Tensor
+            Float32 scalar on the device.
+        """
+        with self.autocast():
+            h, y = hidden_and_labels(self.model, batch)
+            return F.cross_entropy(self.model.out(h).float(), y, reduction="sum")

@@ -1,0 +1,113 @@
+"""``torchrun --nproc-per-node 2 -m gpu_ann train`` on the CPU with gloo: the run finishes (also across
+uneven epoch ends), the ranks' weights are bit-identical after every step, and two ranks of batch B train
+what one process with batch 2B trains."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gpu_ann.checkpoint import load_checkpoint
+
+TIMEOUT = 240  # a hang (a rank waiting for a collective the other never joins) fails instead of blocking CI
+
+
+def ratings_csv(path, n_users=50, n_items=30, per_user=6, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = ["user,item,rating"]
+    for u in range(n_users):
+        for i in rng.choice(n_items, per_user, replace=False):
+            lines.append(f"u{u},i{i},{rng.integers(1, 6)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def gpu_ann_train(out, data, *flags, nproc=None):
+    """Run ``gpu-ann train`` (under ``torch.distributed.run`` when ``nproc`` is given); return the process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*(launcher if nproc else [sys.executable]), "-m", "gpu_ann", "train", "--backend", "cpu"]
+    command += ["--data", str(data), "--out", str(out), "--hidden", "8,8,8", "--eval-batches", "2", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return ratings_csv(tmp_path_factory.mktemp("torchrun") / "ratings.csv")
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, data):
+    # 300 interactions -> 240 training samples: 15 steps of 16 per epoch; 10 steps stay inside epoch 0, where
+    # no sample is padded, so the two runs see exactly the same samples in the same global batches.
+    common = ["--max-steps", "10", "--eval-every", "10", "--lr", "0.01", "--input-path", "dense"]
+    gpu_ann_train(tmp_path / "two", data, *common, "--batch-size", "8", "--replica-check-every", "1", nproc=2)
+    gpu_ann_train(tmp_path / "one", data, *common, "--batch-size", "16")
+    a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "two")
+    assert a.step == b.step == 10
+    for k, v in a.model_state.items():
+        # Two half-batch means averaged vs one mean: the same sum in another order, float32 rounding only.
+        torch.testing.assert_close(b.model_state[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_uneven_shares_and_sparse_sampled_path_finish_with_identical_replicas(tmp_path, data):
+    # 240 samples over 2 ranks of 7: 18 batches an epoch per rank, the last one partial (120 = 17 x 7 + 1).
+    # Three epochs cross two epoch ends; the replica check after every step raises if the weights ever differ.
+    flags = ["--batch-size", "7", "--max-epochs", "3", "--eval-every", "10", "--replica-check-every", "1"]
+    flags += ["--input-path", "sparse", "--softmax", "sampled", "--negatives", "5"]
+    done = gpu_ann_train(tmp_path / "run", data, *flags, nproc=2)
+    assert load_checkpoint(tmp_path / "run").step <= 54
+    assert "done in" in done.stdout  # both ranks returned; rank 0 printed the summary
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 6  # steps 10..50 and the last step, 54, each logged once (rank 0 only)
+
+
+def _replica_worker(rank: int, store_path: str, results) -> None:
+    import torch.distributed as dist
+
+    from gpu_ann.distributed import Replicas, ReplicasDiverged
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    replicas = Replicas("cpu", {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    # Gradient averaging: rank r's gradient is r + 1 everywhere, so both ranks end with 1.5.
+    for p in model.parameters():
+        p.grad = torch.full_like(p, rank + 1.0)
+    replicas.average_gradients(model.parameters())
+    averaged = all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in model.parameters())
+    replicas.check_identical(model.parameters(), step=1)  # identical: passes
+    if rank == 1:
+        with torch.no_grad():
+            model.bias[0] = torch.nextafter(model.bias[0], torch.tensor(1.0))  # one ulp
+    try:
+        replicas.check_identical(model.parameters(), step=2)
+        caught = ""
+    except ReplicasDiverged as exc:
+        caught = str(exc)
+    stop = replicas.agree(rank == 0, torch.device("cpu"))  # rank 0's decision reaches rank 1
+    results.put((rank, averaged, caught, stop))
+    dist.destroy_process_group()
+
+
+def test_replica_helpers_average_detect_one_ulp_and_agree(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_replica_worker, args=(r, str(tmp_path / "store"), results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=TIMEOUT) for _ in procs)
+    for p in procs:
+        p.join(TIMEOUT)
+    assert [g[1] for g in got] == [True, True]
+    assert got[0][2] == "after step 2 the weights of rank 1 differ from rank 0's"
+    assert got[1][2] == "after step 2 the weights of rank 0 differ from rank 1's"
+    assert [g[3] for g in got] == [True, True]
