@@ -232,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="under torchrun: every N steps check that all ranks hold identical weights (0: never)",
     )
+    x.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="GPU: deterministic torch algorithms and cuBLAS workspace, so a seed repeats a run exactly (the CPU "
+        "always does)",
+    )
     r = t.add_argument_group("where")
     r.add_argument(
         "--backend",

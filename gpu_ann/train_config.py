@@ -85,6 +85,10 @@ class TrainConfig:
         The planner refuses a run whose estimate exceeds it before allocating anything.
     replica_check_every : int
         Under ``torchrun``: every this many steps, check that all ranks hold identical weights (0: never).
+    deterministic : bool
+        Deterministic mode for the GPU: ``torch.use_deterministic_algorithms(True)`` for the run (ops without
+        a deterministic version raise) and cuBLAS's fixed workspace. The batch kernels never use atomics,
+        so they are deterministic either way; on the CPU a seed already gives identical runs.
     """
 
     # data: None = the bundled anime ratings
@@ -129,6 +133,7 @@ class TrainConfig:
     compile: bool = False
     memory_budget: int | None = None  # bytes; None = 90% of what the device has free
     replica_check_every: int = 0  # torchrun: check every N steps that all ranks hold the same weights
+    deterministic: bool = False  # GPU: deterministic torch algorithms and cuBLAS workspace
 
     def to_dict(self) -> dict:
         """The fields as a new dict (``dataclasses.asdict``: tuples stay tuples)."""

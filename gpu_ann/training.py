@@ -186,9 +186,16 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     _check_choices(cfg)
     backend = get_backend(cfg.backend, device=int(os.environ.get("LOCAL_RANK", "0")) if cfg.backend != "cpu" else None)
     replicas = Replicas(backend.name)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
+        # cuBLAS reads this when it creates its handle: a process that already ran a CUDA matmul keeps its
+        # workspace, so set it before the first one (the CLI's runs do).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     try:
         return _train(cfg, table, resume, backend, replicas, started)
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         replicas.close()
 
 

@@ -150,3 +150,22 @@ def test_unknown_settings_are_refused(tmp_path):
         train(config(tmp_path, "x", softmax="partial"), table())
     with pytest.raises(ValueError, match="unknown input_path 'wide'"):
         train(config(tmp_path, "x", input_path="wide"), table())
+
+
+def test_deterministic_mode_is_on_for_the_run_only_and_repeats_it(tmp_path, monkeypatch):
+    import gpu_ann.training as training
+
+    seen = []
+    original = training._train
+
+    def spy(*args):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(*args)
+
+    monkeypatch.setattr(training, "_train", spy)
+    t = table()
+    a = train(config(tmp_path, "a", deterministic=True, input_path="sparse", softmax="sampled", negatives=5), t)
+    b = train(config(tmp_path, "b", deterministic=True, input_path="sparse", softmax="sampled", negatives=5), t)
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+    for k, v in weights(a.run_dir).items():
+        assert torch.equal(weights(b.run_dir)[k], v), k
