@@ -73,7 +73,8 @@ class BagBuffers:
         device = backend.torch_device
         self.max_rows = max_rows
         self.capacity = capacity
-        self.offsets = torch.empty(max_rows + 1, dtype=torch.int64, device=device)
+        # Zeros, not empty: no kernel runs for a batch of 0 rows, whose offsets must still read [0].
+        self.offsets = torch.zeros(max_rows + 1, dtype=torch.int64, device=device)
         # int64 like the offsets: torch promotes mixed index types, which would copy the indices every step.
         self.indices = torch.empty(capacity, dtype=torch.int64, device=device)
         self.weights = torch.empty(capacity, dtype=torch.float32, device=device)
