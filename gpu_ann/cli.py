@@ -179,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fixed random batches of each split averaged per evaluation",
     )
     s.add_argument(
+        "--eval-batch-size",
+        type=_positive,
+        default=None,
+        help="rows per evaluation batch, at most --batch-size (default: --batch-size); evaluation uses the full "
+        "softmax, so a smaller one saves memory at large catalogues",
+    )
+    s.add_argument(
         "--patience",
         type=_positive,
         default=DEFAULTS.patience,

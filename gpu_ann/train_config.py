@@ -54,6 +54,9 @@ class TrainConfig:
         Training steps between evaluations.
     eval_batches : int
         Fixed random batches per split (train and validation) in each evaluation.
+    eval_batch_size : int, optional
+        Rows per evaluation batch, at most ``batch_size`` (evaluation shares the training buffers); default
+        ``batch_size``. Evaluation uses the full softmax, so at large catalogues a smaller one saves memory.
     patience : int
         Evaluations without a better validation loss before training stops.
     max_epochs : int
@@ -117,6 +120,7 @@ class TrainConfig:
     # evaluation and stopping
     eval_every: int = 100  # steps between evaluations
     eval_batches: int = 10  # fixed random batches per split per evaluation
+    eval_batch_size: int | None = None  # rows per evaluation batch (<= batch_size); None = batch_size
     patience: int = 5  # evaluations without a better validation loss before stopping
     max_epochs: int = 3
     max_steps: int | None = None

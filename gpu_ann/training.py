@@ -89,6 +89,11 @@ def _check_choices(cfg: TrainConfig) -> None:
     ):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}: expected one of {choices}")
+    if cfg.eval_batch_size is not None and not 1 <= cfg.eval_batch_size <= cfg.batch_size:
+        raise ValueError(
+            f"--eval-batch-size must lie in [1, --batch-size={cfg.batch_size}] (evaluation shares the training "
+            f"buffers), got {cfg.eval_batch_size}"
+        )
     if cfg.softmax == "sampled" and cfg.negatives < 1:
         raise ValueError(f"the sampled softmax needs --negatives >= 1, got {cfg.negatives}")
 
@@ -123,6 +128,7 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
         device=backend.name,
         values=cfg.input_values != "implicit",
         n_eval_samples=len(splits.train) + len(splits.validation),
+        eval_batch_size=cfg.eval_batch_size,
     )
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
@@ -232,8 +238,9 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     # Evaluation runs between steps, so it shares the training loader's buffers; only rank 0 evaluates.
     buffers = loader.buffers
     Fixed = FixedBags if path == "sparse" else FixedBatches
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
     eval_sets = {
-        name: Fixed(matrix, splits[name], cfg.batch_size, cfg.eval_batches, cfg.seed, buffers)
+        name: Fixed(matrix, splits[name], eval_batch, cfg.eval_batches, cfg.seed, buffers)
         for name in (("train", "validation") if replicas.is_main else ())
     }
     popularity = popularity_loss(splits.train.item, splits.validation.item, n_items)
@@ -386,7 +393,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     # The best model on the whole validation split, against popularity on the same samples.
     model.load_state_dict(load_checkpoint(run_dir).model_state)
     with stage("evaluating the best model on the whole validation split"):
-        final = mean_loss(Fixed(matrix, splits.validation, cfg.batch_size, None, cfg.seed, buffers))
+        final = mean_loss(Fixed(matrix, splits.validation, eval_batch, None, cfg.seed, buffers))
     return TrainResult(
         run_dir=run_dir,
         steps=step,

@@ -169,3 +169,14 @@ def test_deterministic_mode_is_on_for_the_run_only_and_repeats_it(tmp_path, monk
     assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
     for k, v in weights(a.run_dir).items():
         assert torch.equal(weights(b.run_dir)[k], v), k
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_smaller_evaluation_batches_give_the_same_whole_split_loss(tmp_path, path):
+    t = table()
+    whole = train(config(tmp_path, "whole", input_path=path), t)
+    small = train(config(tmp_path, "small", input_path=path, eval_batch_size=5), t)
+    # The same training; the final loss is over the whole validation split either way, only batched differently.
+    assert small.final_validation_loss == pytest.approx(whole.final_validation_loss, rel=1e-5)
+    with pytest.raises(ValueError, match=r"--eval-batch-size must lie in \[1, --batch-size=16\]"):
+        train(config(tmp_path, "x", eval_batch_size=17), t)
