@@ -16,12 +16,12 @@ batch memory, as in ``gpu_ann.handoff``); they are allocated once, at a capacity
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from gpu_ann.batching import FixedBatches, check_samples
 from gpu_ann.kernels.bag_inputs import bag_inputs, bag_lengths
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.model import N_FEATURES
@@ -231,14 +231,7 @@ class BagAssembler:
         self.n_samples = len(samples)
         self.max_rows = max_rows
         self.n_items = matrix.n_items
-        if len(samples) and (samples.user.max() >= matrix.n_users or samples.item.max() >= matrix.n_items):
-            raise IndexError(
-                f"samples reach user {samples.user.max()} / item {samples.item.max()} but the matrix is "
-                f"{matrix.n_users} x {matrix.n_items}"
-            )
-        lowest_item = -1 if allow_no_target else 0
-        if len(samples) and (samples.user.min() < 0 or samples.item.min() < lowest_item):
-            raise IndexError("samples hold negative user or item indices")
+        check_samples(matrix, samples, allow_no_target)
         self._assemble, measure = _launchers(backend)
         self._indptr = backend.kernel_array(matrix.indptr)
         self._indices = backend.kernel_array(matrix.indices)
@@ -333,54 +326,15 @@ class BagAssembler:
         return b.views(n, total)
 
 
-class FixedBags:
+class FixedBags(FixedBatches):
     """A fixed random subset of a split in ``n_batches`` sparse batches: the evaluation set of the seed.
 
-    The sparse twin of ``gpu_ann.batching.FixedBatches``: the same seed draws the same samples in the same
-    batches, so both paths evaluate on the same examples.
-
-    Parameters
-    ----------
-    matrix, samples : InteractionMatrix, Samples
-        The input rows (the training split's matrix) and the split to draw from.
-    batch_size : int
-        Rows per batch.
-    n_batches : int or None
-        Batches to keep; ``None`` keeps the whole split (in random order).
-    seed : int
-        Seeds the subset.
-    buffers : BagBuffers, optional
-        Buffers to share with the training assembler.
-
-    Attributes
-    ----------
-    n_samples : int
-        Samples in the subset.
+    :class:`~gpu_ann.batching.FixedBatches` with the sparse path's assembler: the same seed draws the same
+    samples in the same batches, so both paths evaluate on the same examples. Iterating yields :class:`Bags`;
+    ``buffers`` is a :class:`BagBuffers` to share with the training assembler.
     """
 
-    def __init__(
-        self,
-        matrix: InteractionMatrix,
-        samples: Samples,
-        batch_size: int,
-        n_batches: int | None,
-        seed: int = 0,
-        buffers: BagBuffers | None = None,
-    ) -> None:
-        self.assembler = BagAssembler(matrix, samples, batch_size, buffers)
-        n = len(samples)
-        take = n if n_batches is None else min(n, n_batches * batch_size)
-        # The stream FixedBatches draws from, so the dense and sparse evaluation sets are the same.
-        order = self.assembler.to_device_indices(np.random.default_rng([seed, 0xE7A1]).permutation(n)[:take])
-        self._batches = [order[s : s + batch_size] for s in range(0, take, batch_size)]
-        self.n_samples = take
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def __iter__(self) -> Iterator[Bags]:
-        for order in self._batches:
-            yield self.assembler.assemble(order)
+    _assembler_class = BagAssembler
 
 
 def _row_statistics(matrix: InteractionMatrix) -> tuple[float, int]:

@@ -12,6 +12,29 @@ from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.splits import Samples
 
 
+def check_samples(matrix: InteractionMatrix, samples: Samples, allow_no_target: bool = False) -> None:
+    """Raise ``IndexError`` unless every sample's user and item index lies inside ``matrix``.
+
+    Parameters
+    ----------
+    matrix : InteractionMatrix
+        The input rows.
+    samples : Samples
+        The (user, item) pairs.
+    allow_no_target : bool
+        Accept item -1, "no target" (recommending from a whole row: nothing is removed from it).
+    """
+    if not len(samples):
+        return
+    if samples.user.max() >= matrix.n_users or samples.item.max() >= matrix.n_items:
+        raise IndexError(
+            f"samples reach user {samples.user.max()} / item {samples.item.max()} but the matrix is "
+            f"{matrix.n_users} x {matrix.n_items}"
+        )
+    if samples.user.min() < 0 or samples.item.min() < (-1 if allow_no_target else 0):
+        raise IndexError("samples hold negative user or item indices")
+
+
 class BatchAssembler:
     """Builds ``(X, y)`` for batches of sample indices into one reused pair of buffers.
 
@@ -56,15 +79,7 @@ class BatchAssembler:
         self.n_samples = len(samples)
         self.max_rows = max_rows
         self.n_items = matrix.n_items
-        if len(samples) and (samples.user.max() >= matrix.n_users or samples.item.max() >= matrix.n_items):
-            raise IndexError(
-                f"samples reach user {samples.user.max()} / item {samples.item.max()} but the matrix is "
-                f"{matrix.n_users} x {matrix.n_items}"
-            )
-        # Item -1 means "no target" (recommending from a whole row): nothing is removed from the row.
-        lowest_item = -1 if allow_no_target else 0
-        if len(samples) and (samples.user.min() < 0 or samples.item.min() < lowest_item):
-            raise IndexError("samples hold negative user or item indices")
+        check_samples(matrix, samples, allow_no_target)
         # Kernel views made once, so that launches neither convert nor sync. The matrix is CuPy's; the
         # sample arrays are torch's, made on the stream the kernels run on.
         self._indptr = backend.kernel_array(matrix.indptr)
@@ -165,6 +180,8 @@ class FixedBatches:
         Samples in the subset.
     """
 
+    _assembler_class = BatchAssembler  # FixedBags swaps in the sparse path's assembler
+
     def __init__(
         self,
         matrix: InteractionMatrix,
@@ -174,7 +191,7 @@ class FixedBatches:
         seed: int = 0,
         buffers: BatchBuffers | None = None,
     ) -> None:
-        self.assembler = BatchAssembler(matrix, samples, batch_size, buffers)
+        self.assembler = self._assembler_class(matrix, samples, batch_size, buffers)
         n = len(samples)
         take = n if n_batches is None else min(n, n_batches * batch_size)
         # Its own stream of the seed, apart from the training epochs' [seed, epoch] streams.

@@ -53,6 +53,8 @@ import math
 import numpy as np
 from numba import njit, prange, types
 
+from gpu_ann.kernels.assemble import _build_row_helpers as _dense_row_helpers
+
 # Threads per block for the CUDA kernels, and the size of the scan kernel's shared array (read when the
 # kernels compile, so change it before the first launch). A module constant so tests can shrink it and make
 # tiny inputs span several blocks, strides and scan chunks.
@@ -65,21 +67,8 @@ cuda = None  # numba.cuda, imported by cuda_kernels() on first use
 
 def _build_row_helpers(device_jit):
     """The per-row logic, compiled with ``device_jit`` (``njit(inline="always")`` or ``cuda.jit(device=True)``)."""
-
-    @device_jit
-    def find_item(indices, start, end, item):
-        # Binary search: rows are sorted (validated before any launch). Returns the position or -1.
-        lo = start
-        hi = end
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if indices[mid] < item:
-                lo = mid + 1
-            else:
-                hi = mid
-        if lo < end and indices[lo] == item:
-            return lo
-        return -1
+    # The dense kernel's binary search for the target, compiled again for these kernels: one definition.
+    find_item = _dense_row_helpers(device_jit)[0]
 
     @device_jit
     def bag_length(start, end, pos):
