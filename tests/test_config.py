@@ -36,7 +36,7 @@ def test_flags_override_the_file_and_top_level_keys_work(tmp_path):
     args = parse_args(["train", "--config", str(path), "--lr", "0.25"])
     cfg = _train_config(args)
     assert cfg.lr == 0.25 and cfg.batch_size == 16 and cfg.hidden == (8, 8, 8)
-    assert dataclasses.replace(cfg, lr=0.001, batch_size=1024, hidden=(256, 512, 256)) == TrainConfig()
+    assert dataclasses.replace(cfg, lr=0.01, batch_size=1024, hidden=(256, 512, 256)) == TrainConfig()
 
 
 def test_a_command_table_is_read_for_its_command_only(tmp_path):
