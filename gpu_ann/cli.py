@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: every N steps check that all ranks hold identical weights (0: never)",
     )
     x.add_argument(
+        "--shard-users",
+        action="store_true",
+        help="under torchrun: each rank holds only its share of the users (balanced by training samples) on its "
+        "device, instead of the whole matrix",
+    )
+    x.add_argument(
         "--deterministic",
         action="store_true",
         help="GPU: deterministic torch algorithms and cuBLAS workspace, so a seed repeats a run exactly (the CPU "

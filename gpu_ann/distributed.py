@@ -77,6 +77,29 @@ class Replicas:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def all_sum(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` by its sum over the ranks, in place (waits for the other ranks).
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            On the process group's device.
+        """
+        if self.distributed:
+            dist.all_reduce(tensor)
+
+    def broadcast(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Overwrite every rank's ``tensors`` with rank 0's, in place (waits for rank 0).
+
+        Parameters
+        ----------
+        tensors : iterable of torch.Tensor
+            The same shapes and order on every rank, e.g. ``model.state_dict().values()``.
+        """
+        if self.distributed:
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
     def check_identical(self, parameters: Iterable[torch.nn.Parameter], step: int) -> None:
         """Raise :class:`ReplicasDiverged` unless every rank holds bit-identical parameters.
 

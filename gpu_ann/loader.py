@@ -92,6 +92,10 @@ class BatchLoader(IterableDataset):
         from position ``rank``. All ranks then have the same number of batches (no rank waits for another at
         an epoch's end), and the ``world_size`` batches of one step together hold the samples of one batch
         of ``batch_size * world_size`` in a single-process run.
+    epoch_samples : int, optional
+        Samples per epoch (at least ``len(samples)``), padded by repeating the start of the epoch's order:
+        under ``--shard-users`` each rank holds its own samples, and all draw the largest rank's count so
+        that they take the same number of steps. Only with ``world_size=1``.
 
     Notes
     -----
@@ -119,6 +123,7 @@ class BatchLoader(IterableDataset):
         path: str = "dense",
         rank: int = 0,
         world_size: int = 1,
+        epoch_samples: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -138,6 +143,13 @@ class BatchLoader(IterableDataset):
         self.rank, self.world_size = rank, world_size
         # This rank's share of an epoch: every rank gets the same count, padded up (see the class docstring).
         self.n_local = -(-self.n_samples // world_size)
+        if epoch_samples is not None:
+            if world_size != 1 or epoch_samples < self.n_samples:
+                raise ValueError(
+                    f"epoch_samples needs world_size=1 and at least the {self.n_samples} samples, got "
+                    f"{epoch_samples} with world_size={world_size}"
+                )
+            self.n_local = epoch_samples
         self.shuffle = shuffle
         self.replacement = replacement
         self.drop_last = drop_last
@@ -278,7 +290,7 @@ class BatchLoader(IterableDataset):
         else:
             order = np.arange(n, dtype=np.int64)
         if self.world_size == 1:
-            return order
+            return order if self.n_local == n else np.resize(order, self.n_local)  # repeats the start to fill
         padded = np.resize(order, self.n_local * self.world_size)  # repeats from the start to fill
         return padded[self.rank :: self.world_size]
 

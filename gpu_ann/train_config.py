@@ -89,6 +89,9 @@ class TrainConfig:
         The planner refuses a run whose estimate exceeds it before allocating anything.
     replica_check_every : int
         Under ``torchrun``: every this many steps, check that all ranks hold identical weights (0: never).
+    shard_users : bool
+        Under ``torchrun``: each rank holds only its share of the users' rows and trains and evaluates
+        their samples (:mod:`gpu_ann.sharding`), instead of the whole matrix and a share of the samples.
     deterministic : bool
         Deterministic mode for the GPU: ``torch.use_deterministic_algorithms(True)`` for the run (ops without
         a deterministic version raise) and cuBLAS's fixed workspace. The batch kernels never use atomics,
@@ -138,6 +141,7 @@ class TrainConfig:
     compile: bool = False
     memory_budget: int | None = None  # bytes; None = 90% of what the device has free
     replica_check_every: int = 0  # torchrun: check every N steps that all ranks hold the same weights
+    shard_users: bool = False  # torchrun: each rank holds its share of the users, not the whole matrix
     deterministic: bool = False  # GPU: deterministic torch algorithms and cuBLAS workspace
 
     def to_dict(self) -> dict:

@@ -46,6 +46,7 @@ from gpu_ann.objective import SOFTMAXES, Objective
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
 from gpu_ann.sampled import NegativeSampler
+from gpu_ann.sharding import UserShard, shard_users
 from gpu_ann.splits import FOLD_IN, TRAIN, make_split, splits_from_assignment, splits_from_tables
 from gpu_ann.train_config import TrainConfig, TrainResult, load_table
 from gpu_ann.values import input_matrix
@@ -98,14 +99,23 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"the sampled softmax needs --negatives >= 1, got {cfg.negatives}")
 
 
-def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, world_size: int) -> str:
+def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, world_size: int, shard) -> str:
     """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
 
     Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
-    free memory, a sync, when no budget is given).
+    free memory, a sync, when no budget is given). Under ``--shard-users`` the sizes are this rank's.
     """
     inputs = np.isin(assignment, (TRAIN, FOLD_IN))  # the input matrix: training and fold-in rows
+    if shard is not None:
+        inputs &= shard.owns(table.user)
     lengths = np.bincount(table.user[inputs], minlength=table.n_users)
+    if shard is not None:
+        lengths = lengths[shard.users]
+    if shard is None:  # the loader holds all samples; its order only this rank's share
+        n_samples, n_eval = -(-len(splits.train) // world_size), len(splits.train) + len(splits.validation)
+    else:
+        n_samples = shard.epoch_samples
+        n_eval = len(shard.local(splits.train)) + len(shard.local(splits.validation))
     stats = row_statistics(lengths)
     input_bytes = 2 if cfg.precision == "bf16" else 4
     path = cfg.input_path
@@ -114,10 +124,10 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
                                input_bytes=input_bytes).moved for p in PATHS}  # fmt: skip
         path = "sparse" if moved["sparse"] < moved["dense"] else "dense"
     plan = planner.estimate(
-        table.n_users,
+        len(lengths),
         table.n_items,
         int(inputs.sum()),
-        -(-len(splits.train) // world_size),  # the loader holds all samples; its order only this rank's share
+        n_samples,
         cfg.batch_size,
         hidden=tuple(cfg.hidden),
         path=path,
@@ -127,7 +137,7 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
         max_row_length=max(stats[1], 1),
         device=backend.name,
         values=cfg.input_values != "implicit",
-        n_eval_samples=len(splits.train) + len(splits.validation),
+        n_eval_samples=n_eval,
         eval_batch_size=cfg.eval_batch_size,
     )
     if cfg.memory_budget is not None:
@@ -139,6 +149,16 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
     log.info("input path %s, softmax %s; estimated memory %s of %s", path, cfg.softmax,
              planner.format_bytes(plan.total), planner.format_bytes(budget))  # fmt: skip
     return path
+
+
+def _shard(cfg: TrainConfig, splits, n_users: int, replicas: Replicas) -> UserShard | None:
+    """This rank's users under ``--shard-users`` in a ``torchrun`` group; ``None`` otherwise."""
+    if not cfg.shard_users or not replicas.distributed:
+        return None
+    shard = shard_users(splits.train.user, n_users, replicas.rank, replicas.world_size)
+    log.info("rank %d holds %d of %d users; %d training samples per epoch on every rank",
+             replicas.rank, len(shard.users), n_users, shard.epoch_samples)  # fmt: skip
+    return shard
 
 
 def _sampler(cfg: TrainConfig, splits, n_items: int, device: torch.device) -> NegativeSampler | None:
@@ -219,29 +239,35 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         len(splits.test),
         backend.name,
     )
-    path = _plan(cfg, table, splits, assignment, backend, replicas.world_size)
+    shard = _shard(cfg, splits, table.n_users, replicas)
+    mine = (lambda samples: samples) if shard is None else shard.local  # this rank's samples, as matrix rows
+    path = _plan(cfg, table, splits, assignment, backend, replicas.world_size, shard)
 
     with stage(f"building the matrix on {backend.name}"):
         # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
-        matrix = input_matrix(backend, table, assignment, cfg.input_values)
+        matrix = input_matrix(backend, table, assignment, cfg.input_values, None if shard is None else shard.users)
     loader = BatchLoader(
         matrix,
-        splits.train,
+        mine(splits.train),
         cfg.batch_size,
         replacement=cfg.sampling == "replacement",
         seed=cfg.seed,
         dtype=torch.bfloat16 if cfg.precision == "bf16" and path == "dense" else torch.float32,
         path=path,
-        rank=replicas.rank,
-        world_size=replicas.world_size,
+        # Unsharded, every rank takes a share of one epoch order; sharded, each runs its own samples.
+        rank=replicas.rank if shard is None else 0,
+        world_size=replicas.world_size if shard is None else 1,
+        epoch_samples=None if shard is None else shard.epoch_samples,
     )
-    # Evaluation runs between steps, so it shares the training loader's buffers; only rank 0 evaluates.
+    # Evaluation runs between steps, so it shares the training loader's buffers. Rank 0 evaluates, or, with
+    # sharded users, every rank its own users; the sums meet in one all-reduce.
     buffers = loader.buffers
     Fixed = FixedBags if path == "sparse" else FixedBatches
     eval_batch = cfg.eval_batch_size or cfg.batch_size
+    evaluates = replicas.is_main or shard is not None
     eval_sets = {
-        name: Fixed(matrix, splits[name], eval_batch, cfg.eval_batches, cfg.seed, buffers)
-        for name in (("train", "validation") if replicas.is_main else ())
+        name: Fixed(matrix, mine(splits[name]), eval_batch, cfg.eval_batches, cfg.seed, buffers)
+        for name in (("train", "validation") if evaluates else ())
     }
     popularity = popularity_loss(splits.train.item, splits.validation.item, n_items)
 
@@ -304,20 +330,29 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
             ),
         )
 
-    def mean_loss(batches) -> float:
-        """Full-softmax cross-entropy per sample over fixed batches (one host-device sync)."""
-        model.eval()
-        with torch.no_grad():
-            total = sum(objective.summed_cross_entropy(b) for b in batches)
-        model.train()
-        return float(total) / batches.n_samples  # host-device sync
+    def mean_losses(sets: dict, names=("train", "validation")) -> dict[str, float]:
+        """Full-softmax cross-entropy per sample of each named set of fixed batches, over all ranks' sets.
 
-    def evaluate(epoch: int) -> bool:
+        Every rank calls it (a rank without a set adds nothing): one all-reduce under ``torchrun`` and one
+        host-device sync.
+        """
+        model.eval()
+        sums = torch.zeros(2 * len(names), dtype=torch.float64, device=backend.torch_device)
+        with torch.no_grad():
+            for k, name in enumerate(names):
+                for b in sets.get(name, ()):
+                    sums[2 * k] += objective.summed_cross_entropy(b)
+                sums[2 * k + 1] = sets[name].n_samples if name in sets else 0
+        model.train()
+        replicas.all_sum(sums)
+        totals = sums.tolist()  # host-device sync
+        return {name: totals[2 * k] / totals[2 * k + 1] for k, name in enumerate(names)}
+
+    def evaluate(epoch: int, losses: dict[str, float]) -> bool:
         """Rank 0: log losses, checkpoint an improvement; True when patience has run out."""
         nonlocal best, bad_evals
         samples_per_s = (step - since["step"]) * cfg.batch_size / (time.perf_counter() - since["time"])
         samples_per_s *= replicas.world_size
-        losses = {name: mean_loss(batches) for name, batches in eval_sets.items()}
         if not math.isfinite(losses["validation"]):
             raise TrainingDiverged(
                 f"validation loss is {losses['validation']} at step {step}; try a lower --lr (now {cfg.lr})"
@@ -373,9 +408,10 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
             if cfg.replica_check_every and step % cfg.replica_check_every == 0:
                 replicas.check_identical(model.parameters(), step)
             if step % cfg.eval_every == 0 or step == max_steps:
+                losses = mean_losses(eval_sets)  # every rank joins (see mean_losses)
                 if replicas.is_main:
                     bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
-                    stop = evaluate(epoch)
+                    stop = evaluate(epoch, losses)
                 stop = replicas.agree(stop, backend.torch_device)  # rank 0 decides for all
             if stop or step >= max_steps:
                 stop = True
@@ -384,16 +420,22 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
     seconds = time.perf_counter() - started
-    if not replicas.is_main:
-        return TrainResult(run_dir, step, math.nan, math.nan, popularity, [], seconds, config=cfg)
-    if history:
-        save_state(finished=True)
-    run_log.close()
+    if replicas.is_main:
+        if history:
+            save_state(finished=True)
+        run_log.close()
+        model.load_state_dict(load_checkpoint(run_dir).model_state)
+    if shard is not None:
+        replicas.broadcast(model.state_dict().values())  # rank 0's best weights, for every rank's own users
 
     # The best model on the whole validation split, against popularity on the same samples.
-    model.load_state_dict(load_checkpoint(run_dir).model_state)
+    whole = {}
+    if evaluates:
+        whole["validation"] = Fixed(matrix, mine(splits.validation), eval_batch, None, cfg.seed, buffers)
     with stage("evaluating the best model on the whole validation split"):
-        final = mean_loss(Fixed(matrix, splits.validation, eval_batch, None, cfg.seed, buffers))
+        final = mean_losses(whole, ("validation",))["validation"]
+    if not replicas.is_main:
+        return TrainResult(run_dir, step, math.nan, math.nan, popularity, [], seconds, config=cfg)
     return TrainResult(
         run_dir=run_dir,
         steps=step,

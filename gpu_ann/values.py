@@ -119,7 +119,9 @@ def fit_values(mode: str, table: RatingsTable, assignment: np.ndarray) -> ValueM
     return ValueModel(mode, scale, 0.0, biases)
 
 
-def input_matrix(backend, table: RatingsTable, assignment: np.ndarray, mode: str = "implicit") -> InteractionMatrix:
+def input_matrix(
+    backend, table: RatingsTable, assignment: np.ndarray, mode: str = "implicit", users: np.ndarray | None = None
+) -> InteractionMatrix:
     """The matrix input rows are built from: the input interactions, with their values in ``mode``.
 
     Parameters
@@ -132,16 +134,24 @@ def input_matrix(backend, table: RatingsTable, assignment: np.ndarray, mode: str
         The split code of each interaction; ``TRAIN`` and ``FOLD_IN`` rows are the inputs.
     mode : str
         Input value mode (``INPUT_MODES``).
+    users : numpy.ndarray, optional
+        Sorted global user indices: build only their rows, row ``r`` for user ``users[r]`` (a rank's share
+        under ``--shard-users``). The values are still fitted on the whole table, as without sharding.
 
     Returns
     -------
     InteractionMatrix
-        ``n_users x n_items``, values ``None`` for implicit input.
+        ``n_users x n_items`` (``len(users) x n_items`` when given), values ``None`` for implicit input.
     """
     model = fit_values(mode, table, assignment)
     inputs = np.isin(assignment, (TRAIN, FOLD_IN))
-    users, items = table.user[inputs], table.item[inputs]
+    rows, items = table.user[inputs], table.item[inputs]
     ratings = None if table.rating is None else table.rating[inputs]
-    return InteractionMatrix.from_pairs(
-        backend, users, items, table.n_users, table.n_items, values=model.of(users, items, ratings)
-    )
+    values = model.of(rows, items, ratings)
+    n_rows = table.n_users
+    if users is not None:
+        keep = np.isin(rows, users)
+        rows, items = np.searchsorted(users, rows[keep]).astype(np.int32), items[keep]
+        values = None if values is None else values[keep]
+        n_rows = len(users)
+    return InteractionMatrix.from_pairs(backend, rows, items, n_rows, table.n_items, values=values)
