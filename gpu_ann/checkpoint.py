@@ -303,6 +303,9 @@ class ResumeState:
         Seconds the run had taken, so a resumed run's times and throughput continue from there.
     sampler_rng : torch.Tensor, optional
         The negative sampler's generator state (sampled softmax), None otherwise.
+    world_size : int
+        Ranks the run trained with (1 outside ``torchrun``): an epoch's samples are split among them, so the
+        sampler position ``batch_in_epoch`` means the same samples only with the same number of ranks.
     """
 
     model_state: dict[str, torch.Tensor]
@@ -320,6 +323,7 @@ class ResumeState:
     finished: bool = False
     elapsed_s: float = 0.0
     sampler_rng: torch.Tensor | None = None
+    world_size: int = 1
 
 
 def save_resume_state(run_dir: Path, state: ResumeState) -> None:

@@ -286,6 +286,12 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     run_log = RunLog(run_dir, popularity, cfg.tensorboard) if replicas.is_main else None
     if resume is not None:
         state = resume[0]
+        if state.world_size != replicas.world_size:
+            raise CheckpointError(
+                f"{run_dir}: the run trained with {state.world_size} rank(s) and is resumed with "
+                f"{replicas.world_size}; each epoch's samples are split among the ranks, so resume it with the same "
+                f"number (torchrun --nproc-per-node x --nnodes = {state.world_size})"
+            )
         model.load_state_dict(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)
         torch.set_rng_state(state.torch_rng)
@@ -327,6 +333,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
                 finished,
                 time.perf_counter() - started,
                 sampler.get_state() if sampler is not None else None,
+                replicas.world_size,
             ),
         )
 

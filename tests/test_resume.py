@@ -169,3 +169,22 @@ def assert_same_run_in_process(a: Path, b: Path):
     assert all(torch.equal(sa.model_state[k], sb.model_state[k]) for k in sa.model_state)
     assert [r["step"] for r in sa.history] == [r["step"] for r in sb.history]
     assert [r["validation_loss"] for r in sa.history] == [r["validation_loss"] for r in sb.history]
+
+
+def test_resume_with_another_number_of_ranks_is_refused(tmp_path):
+    import gpu_ann.training as training
+    from gpu_ann.checkpoint import STATE_FILE, CheckpointError
+    from gpu_ann.data.table import RatingsTable
+
+    users = np.repeat(np.arange(20), 5).astype(np.int32)
+    items = (np.arange(100) % 17).astype(np.int32)
+    table = RatingsTable(users, items, None, None, np.arange(20), np.arange(17), None, source="tiny")
+    cfg = training.TrainConfig(backend="cpu", batch_size=8, hidden=(8, 8, 8), max_steps=6, eval_every=3,
+                               eval_batches=1, out=str(tmp_path / "run"))  # fmt: skip
+    training.train(cfg, table)
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    assert state["world_size"] == 1
+    state["world_size"], state["finished"] = 2, False  # as if two torchrun ranks had written it
+    torch.save(state, tmp_path / "run" / STATE_FILE)
+    with pytest.raises(CheckpointError, match=r"trained with 2 rank\(s\) and is resumed with 1"):
+        training.resume_run(tmp_path / "run")
