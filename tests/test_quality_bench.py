@@ -114,3 +114,24 @@ def test_unknown_dataset_is_refused(capsys):
         quality.main(["--datasets", "netflix"])
     assert done.value.code == 2
     assert "netflix" in capsys.readouterr().err
+
+
+def test_settings_runs_only_the_named_grid_entries(tmp_path, monkeypatch):
+    grid = {"plain": {}, "small batch": {"batch_size": 64}, "prototype": {"dropout": 0.5}}
+    monkeypatch.setitem(quality.GRID, "ml-latest-small", grid)
+    argv = ["--quick", "--tune", "--datasets", "ml-latest-small", "--out", str(tmp_path)]
+    report = quality.main([*argv, "--settings", "prototype, small batch"])
+    runs = report["datasets"]["ml-latest-small"]["runs"]
+    assert list(runs) == ["small batch", "prototype"]  # in GRID's order, not the command's
+    assert runs["small batch"]["settings"]["batch_size"] == 64
+    assert set(runs["small batch"]["ranking"]) == {"model", "popularity", "biases", "ease"}  # with the first run
+
+
+def test_unknown_setting_is_refused(capsys):
+    with pytest.raises(SystemExit) as done:
+        quality.main(["--tune", "--datasets", "ml-latest-small", "--settings", "default,no such thing"])
+    assert done.value.code == 2
+    assert "no such thing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quality.main(["--settings", "default"])  # without --tune
+    assert "--tune" in capsys.readouterr().err
