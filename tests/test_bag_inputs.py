@@ -6,6 +6,7 @@ The simulator tests run in the second pass (``NUMBA_ENABLE_CUDASIM=1 python -m p
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -183,6 +184,49 @@ def test_cuda_hand_case_and_lengths(tiny_launch):
     np.testing.assert_array_equal(lengths, [-1, 0, 3, 3, 3, 9, 9, 0, 4, 1])
 
 
+class _LaunchRecorder:
+    """Wraps a kernel: records each launch's ``(grid, block)`` and forwards it, or only records (``run=False``)."""
+
+    def __init__(self, kernel, launches, run=True):
+        self.kernel, self.launches, self.run = kernel, launches, run
+
+    def __getitem__(self, config):
+        self.launches.append((self.kernel, config[0], config[1]))
+        return self.kernel[config] if self.run else (lambda *args: None)
+
+
+def record_launches(monkeypatch, run=True):
+    """Make the launchers' kernels record their launches; returns the list they append to."""
+    launches = []
+    build = kernel.cuda_kernels
+
+    def recording(*args, **kwargs):
+        k = build(*args, **kwargs)
+        return k._replace(**{f: _LaunchRecorder(getattr(k, f), launches, run) for f in ("lengths", "scan", "fill")})
+
+    monkeypatch.setattr(kernel, "cuda_kernels", recording)
+    return launches
+
+
+@pytest.mark.cudasim
+def test_cuda_block_size_changed_after_a_first_build(tiny_launch, monkeypatch):
+    # Regression (review finding 7): the scan's shared array was sized by THREADS_PER_BLOCK at the first build
+    # and the launch read the constant again, so raising it later wrote past the array on a GPU. Now each
+    # block size has its own build and every launch uses its build's size, which the simulator also enforces.
+    launches = record_launches(monkeypatch)
+    case = random_case(12, 29, 0.25, seed=5)
+    batch = np.random.default_rng(5).integers(0, len(case[2]), size=13)
+    for block in (4, 8, 2):
+        monkeypatch.setattr(kernel, "THREADS_PER_BLOCK", block)
+        check_against_reference(case, batch, run_kernel(case, batch, target="cuda", rows=15, capacity=200))
+    # Three launches a batch, each with the batch's block, the scan the one built for that block.
+    assert [b for _, _, b in launches] == [4] * 3 + [8] * 3 + [2] * 3
+    assert [k is kernel._build_cuda_kernels(b).scan for k, _, b in launches[1::3]] == [True] * 3
+    # What the fix prevents: the kernels built for 4 threads, launched with 8, overrun the scan's array.
+    with pytest.raises(IndexError, match="out of bounds"):
+        kernel.cuda_kernels(4).scan[1, 8](np.arange(11, dtype=np.int64), 10)
+
+
 class _SimBackend:
     """The cuda backend's seam over numpy, for the simulator (no CuPy, no device)."""
 
@@ -239,7 +283,7 @@ def test_cuda_kernels_compile_to_sm90_ptx_without_float64(monkeypatch):
     rows = (types.int64[::1], types.int32[::1], i32, i32, i64)  # indptr, indices, users, items, batch
     fill = (rows[0], rows[1], types.float32[::1], types.int64, i32, i32, i64)
     outs = (i64, i64, types.float32[::1], types.float32[:, ::1], i64)
-    lengths_kernel, scan_kernel, fill_kernel = kernel.cuda_kernels()
+    lengths_kernel, scan_kernel, fill_kernel, _ = kernel.cuda_kernels()
     for k, sig, barrier in (
         (lengths_kernel, (*rows, i64), False),
         (scan_kernel, (i64, types.int64), True),
@@ -249,6 +293,38 @@ def test_cuda_kernels_compile_to_sm90_ptx_without_float64(monkeypatch):
         assert ".target sm_90" in ptx
         assert (("bar.sync" in ptx) or ("barrier.sync" in ptx)) == barrier
         assert ".f64" not in ptx  # float32 kernels must not fall back to double precision
+
+
+def shared_bytes(ptx: str) -> list[int]:
+    """Sizes of the shared arrays a PTX module declares."""
+    return [int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx)]
+
+
+@pytest.mark.skipif(IN_CUDASIM, reason="the simulator cannot compile PTX (first pass only)")
+def test_launch_block_equals_the_block_the_scan_was_compiled_for(monkeypatch):
+    # Review finding 7: the launcher must launch with the size the scan's shared array was compiled for,
+    # also when THREADS_PER_BLOCK changes after a first build. Launches are recorded, not run (no GPU).
+    from numba import cuda, types
+
+    launches = record_launches(monkeypatch, run=False)
+    case = hand_case()
+    batch = np.arange(len(case[2]), dtype=np.int64)
+    for block in (64, 128):
+        monkeypatch.setattr(kernel, "THREADS_PER_BLOCK", block)
+        run_kernel(case, batch, target="cuda")
+        kernel.bag_lengths(*case[:4], batch, np.zeros(len(batch) + 1, np.int64), target="cuda")
+    # bag_inputs: lengths, scan, fill; then bag_lengths: lengths. Grids: rows / block, one block, a block a row.
+    assert [(g, b) for _, g, b in launches] == [(1, 64), (1, 64), (9, 64), (1, 64)] + [
+        (1, 128),
+        (1, 128),
+        (9, 128),
+        (1, 128),
+    ]
+    for scan, _, block in (launches[1], launches[5]):
+        ptx, _ = cuda.compile_ptx(scan.py_func, (types.int64[::1], types.int64), cc=(9, 0))
+        assert shared_bytes(ptx) == [8 * block]  # one int64 per thread of the block it was launched with
+    with pytest.raises(ValueError, match=r"\[1, 1024\], got 2048"):
+        kernel.cuda_kernels(2048)
 
 
 # --- gpu_ann.bags on the CPU backend -----------------------------------------------------------------------
