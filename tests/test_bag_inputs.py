@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from cases import HAND_N_ITEMS, HAND_ROWS, csr_case, hand_case, random_case
+from cases import HAND_N_ITEMS, HAND_ROWS, SimBackend, csr_case, hand_case, random_case
 
 import gpu_ann.bags as bags
 import gpu_ann.kernels.bag_inputs as kernel
@@ -227,34 +227,11 @@ def test_cuda_block_size_changed_after_a_first_build(tiny_launch, monkeypatch):
         kernel.cuda_kernels(4).scan[1, 8](np.arange(11, dtype=np.int64), 10)
 
 
-class _SimBackend:
-    """The cuda backend's seam over numpy, for the simulator (no CuPy, no device)."""
-
-    name = "cuda"
-    xp = np
-    torch_device = torch.device("cpu")
-
-    def from_host(self, a):
-        return np.ascontiguousarray(a)
-
-    def tensor_from_host(self, a):
-        return torch.from_numpy(np.ascontiguousarray(a))
-
-    def kernel_array(self, a):
-        return a
-
-    def view_of_tensor(self, t):
-        return np.from_dlpack(t.detach())
-
-    def to_host(self, a):
-        return np.asarray(a)
-
-
 @pytest.mark.cudasim
 def test_assembler_on_the_cuda_launch_path(tiny_launch, monkeypatch):
     monkeypatch.setattr(bags, "_torch_stream", lambda device: 0)
     case = random_case(10, 23, 0.3, seed=8)
-    matrix = InteractionMatrix(_SimBackend(), *case[:2], 10, case[4])
+    matrix = InteractionMatrix(SimBackend(), *case[:2], 10, case[4])
     assembler = bags.BagAssembler(matrix, Samples(case[2], case[3]), 6)
     order = assembler.to_device_indices(np.arange(len(case[2]))[::-1].copy())
     got = assembler.assemble(order[2:8])
