@@ -389,6 +389,30 @@ def test_assembler_refusals():
         bags.BagAssembler(matrix, samples, 4, small.buffers)
 
 
+def test_default_capacity_fits_a_batch_of_the_longest_users_samples():
+    # Why the buffers hold max_rows x the longest row, not the sum of the max_rows longest rows (review
+    # finding 6): a training sample is a stored entry, so the longest user has as many samples as items and
+    # one batch may be all of them. Skewed case: user 0 holds items 0..29, users 1..9 one item each.
+    rows = [list(range(30))] + [[u] for u in range(1, 10)]
+    indptr, indices = csr_case(rows, 30)
+    host = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(10, 30))
+    matrix = InteractionMatrix.from_scipy(get_backend("cpu"), host)
+    users = np.repeat(np.arange(10), np.diff(indptr)).astype(np.int32)
+    samples = Samples(users, indices.astype(np.int32))  # one per stored entry, as the trainer makes them
+    assembler = bags.BagAssembler(matrix, samples, 8)
+    assert assembler.buffers.capacity == 8 * 30
+    batch = np.arange(8)  # eight of user 0's samples: bags of 29 items each
+    got = assembler.assemble(assembler.to_device_indices(batch))
+    assert got.indices.shape[0] == 8 * 29 > 30 + 7  # more than the 8 longest rows hold together
+    ref = bags_reference(indptr, indices, IMPLICIT, users, samples.item, batch, 30)
+    np.testing.assert_array_equal(got.offsets.numpy(), ref[0])
+    np.testing.assert_array_equal(got.indices.numpy(), ref[1])
+    # Sized by the sum of the longest rows, the same ordinary batch is refused.
+    smaller = bags.BagAssembler(matrix, samples, 8, capacity=30 + 7)
+    with pytest.raises(ValueError, match="bags hold 232 entries but the buffers 37"):
+        smaller.assemble(smaller.to_device_indices(batch))
+
+
 def test_fixed_bags_evaluate_the_same_samples_as_fixed_batches():
     case = random_case(25, 19, 0.2, seed=2)
     host = sp.csr_matrix((np.ones(len(case[1]), np.float32), case[1], case[0]), shape=(25, 19))
