@@ -242,6 +242,9 @@ class BagAssembler:
         self._items = backend.view_of_tensor(backend.tensor_from_host(samples.item.astype(np.int32)))
         self.sample_bag_lengths = self._measure(measure)
         if buffers is None:
+            # max_rows x the longest row, not the sum of the max_rows longest rows: a user has a sample per
+            # item, so a batch may be max_rows of the longest user's samples (or, drawn with replacement or
+            # padded, copies of one sample), and evaluation sets share these buffers.
             buffers = BagBuffers(
                 backend, max_rows, max_rows * _row_statistics(matrix)[1] if capacity is None else capacity
             )

@@ -24,7 +24,8 @@ in the dense kernel, because no output here is ``n_items`` wide:
 * ``cuda_kernels()``    builds (on first use, never at import) three numba-cuda kernels: ``bag_lengths_kernel``
   (a thread per row), ``bag_offsets_scan_kernel`` (one block: the prefix sum on the device, so the host never
   waits for the lengths) and ``bag_inputs_kernel`` (a block per row, threads striding over the row's entries so
-  the writes are coalesced).
+  the writes are coalesced). They come with the block size they were compiled for (the scan's shared array
+  is that long), one build per block size, and the launchers launch with that size.
 * ``bag_inputs``        the launcher for either target: on CUDA the three launches, stream-ordered, no sync.
 
 ``bag_lengths`` (CPU twin ``bag_lengths_cpu``, kernel ``bag_lengths_kernel``) writes the length of each row's
@@ -49,16 +50,20 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange, types
 
 from gpu_ann.kernels.assemble import _build_row_helpers as _dense_row_helpers
 
-# Threads per block for the CUDA kernels, and the size of the scan kernel's shared array (read when the
-# kernels compile, so change it before the first launch). A module constant so tests can shrink it and make
-# tiny inputs span several blocks, strides and scan chunks.
+# Threads per block for the CUDA kernels, and the size of the scan kernel's shared array. Read at each launch,
+# which builds (once per value) kernels compiled for it: the shared array's size is fixed when a kernel
+# compiles, so a launch must never use a block size other than the one its kernels were built for. A module
+# constant so tests can shrink it and make tiny inputs span several blocks, strides and scan chunks.
 THREADS_PER_BLOCK = 256
+# The most threads a CUDA block may have.
+MAX_THREADS_PER_BLOCK = 1024
 # Upper bound on the grid; rows beyond it are taken by a grid-stride loop.
 MAX_BLOCKS = 65535
 
@@ -148,9 +153,49 @@ def bag_inputs_cpu(
                 o += 1
 
 
+class CudaKernels(NamedTuple):
+    """The three CUDA kernels of one build and the block size they were compiled for.
+
+    Parameters
+    ----------
+    lengths, scan, fill : numba.cuda dispatcher
+        ``bag_lengths_kernel``, ``bag_offsets_scan_kernel`` and ``bag_inputs_kernel``.
+    threads_per_block : int
+        The block size every launch of these kernels must use: the scan's shared array holds this many sums.
+    """
+
+    lengths: object
+    scan: object
+    fill: object
+    threads_per_block: int
+
+
+def cuda_kernels(threads_per_block: int | None = None) -> CudaKernels:
+    """Compile-on-first-use CUDA kernels for a block size (numba-cuda; a GPU or the simulator to run).
+
+    Parameters
+    ----------
+    threads_per_block : int, optional
+        The block size to build for; default the current ``THREADS_PER_BLOCK``. Each size is built once.
+
+    Returns
+    -------
+    CudaKernels
+
+    Raises
+    ------
+    ValueError
+        ``threads_per_block`` is outside ``[1, 1024]``.
+    """
+    block = THREADS_PER_BLOCK if threads_per_block is None else threads_per_block
+    if not 1 <= block <= MAX_THREADS_PER_BLOCK:
+        raise ValueError(f"threads per block must lie in [1, {MAX_THREADS_PER_BLOCK}], got {block}")
+    return _build_cuda_kernels(int(block))
+
+
 @functools.cache
-def cuda_kernels():
-    """Compile-on-first-use CUDA kernels ``(lengths, scan, fill)`` (numba-cuda; a GPU or the simulator to run)."""
+def _build_cuda_kernels(threads_per_block: int) -> CudaKernels:
+    """The kernels of :func:`cuda_kernels`, built once per block size."""
     # A module global, not a local: the simulator replaces the kernel's global ``cuda`` with its own
     # fake module, and would miss a closure variable.
     global cuda
@@ -170,9 +215,11 @@ def cuda_kernels():
 
     @cuda.jit
     def bag_offsets_scan_kernel(offsets, n_rows):
-        # One block. Thread ``tid`` sums a contiguous chunk of the lengths in offsets[1:n_rows + 1], the
-        # block scans those sums in shared memory, then each thread rewrites its chunk as running totals.
-        partial = cuda.shared.array(THREADS_PER_BLOCK, types.int64)
+        # One block of ``threads_per_block`` threads. Thread ``tid`` sums a contiguous chunk of the lengths in
+        # offsets[1:n_rows + 1], the block scans those sums in shared memory, then each thread rewrites its
+        # chunk as running totals. The size is the builder's argument, a closure constant frozen at compile
+        # time (the simulator, too, sees this value, not the module's current constant).
+        partial = cuda.shared.array(threads_per_block, types.int64)
         tid = cuda.threadIdx.x
         n_threads = cuda.blockDim.x
         chunk = (n_rows + n_threads - 1) // n_threads
@@ -240,12 +287,12 @@ def cuda_kernels():
                 write_features(features_out, r, n_items, w)
                 labels_out[r] = t
 
-    return bag_lengths_kernel, bag_offsets_scan_kernel, bag_inputs_kernel
+    return CudaKernels(bag_lengths_kernel, bag_offsets_scan_kernel, bag_inputs_kernel, threads_per_block)
 
 
-def _row_grid(n_rows: int) -> int:
+def _row_grid(n_rows: int, threads_per_block: int) -> int:
     """Blocks for a thread-per-row launch."""
-    return min(-(-n_rows // THREADS_PER_BLOCK), MAX_BLOCKS)
+    return min(-(-n_rows // threads_per_block), MAX_BLOCKS)
 
 
 def bag_lengths(indptr, indices, sample_users, sample_items, batch, lengths_out, *, target="cpu", stream=0):
@@ -259,8 +306,9 @@ def bag_lengths(indptr, indices, sample_users, sample_items, batch, lengths_out,
     if target == "cpu":
         bag_lengths_cpu(indptr, indices, sample_users, sample_items, batch, lengths_out)
     elif target == "cuda":
-        lengths_kernel = cuda_kernels()[0]
-        lengths_kernel[_row_grid(n_rows), THREADS_PER_BLOCK, stream](
+        kernels = cuda_kernels()
+        block = kernels.threads_per_block
+        kernels.lengths[_row_grid(n_rows, block), block, stream](
             indptr, indices, sample_users, sample_items, batch, lengths_out
         )
     else:
@@ -298,12 +346,15 @@ def bag_inputs(
     if target == "cpu":
         bag_inputs_cpu(*args, *outs)
     elif target == "cuda":
-        lengths_kernel, scan_kernel, fill_kernel = cuda_kernels()
+        kernels = cuda_kernels()
+        # The block the kernels were compiled for, never the constant read again: the scan's shared array
+        # has that many slots, and a larger block would write past it.
+        block = kernels.threads_per_block
         # Stream order chains the three: lengths, then their prefix sum, then the fill that reads the offsets.
-        lengths_kernel[_row_grid(n_rows), THREADS_PER_BLOCK, stream](
+        kernels.lengths[_row_grid(n_rows, block), block, stream](
             indptr, indices, sample_users, sample_items, batch, offsets_out
         )
-        scan_kernel[1, THREADS_PER_BLOCK, stream](offsets_out, n_rows)
-        fill_kernel[min(n_rows, MAX_BLOCKS), THREADS_PER_BLOCK, stream](*args, *outs)
+        kernels.scan[1, block, stream](offsets_out, n_rows)
+        kernels.fill[min(n_rows, MAX_BLOCKS), block, stream](*args, *outs)
     else:
         raise ValueError(f"unknown kernel target {target!r} (expected 'cpu' or 'cuda')")

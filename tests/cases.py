@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 
 def csr_case(rows: list[list[int]], n_items: int):
@@ -41,3 +42,26 @@ def random_case(n_users: int, n_items: int, density: float, seed: int):
     users = np.concatenate([coo.row, held_users]).astype(np.int32)
     items = np.concatenate([coo.col, held_items]).astype(np.int32)
     return m.indptr.astype(np.int64), m.indices.astype(np.int32), users, items, n_items
+
+
+class SimBackend:
+    """The cuda backend's seam over numpy, for the simulator (no CuPy, no device)."""
+
+    name = "cuda"
+    xp = np
+    torch_device = torch.device("cpu")
+
+    def from_host(self, a):
+        return np.ascontiguousarray(a)
+
+    def tensor_from_host(self, a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def kernel_array(self, a):
+        return a
+
+    def view_of_tensor(self, t):
+        return np.from_dlpack(t.detach())
+
+    def to_host(self, a):
+        return np.asarray(a)

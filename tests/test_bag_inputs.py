@@ -6,12 +6,13 @@ The simulator tests run in the second pass (``NUMBA_ENABLE_CUDASIM=1 python -m p
 
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from cases import HAND_N_ITEMS, HAND_ROWS, csr_case, hand_case, random_case
+from cases import HAND_N_ITEMS, HAND_ROWS, SimBackend, csr_case, hand_case, random_case
 
 import gpu_ann.bags as bags
 import gpu_ann.kernels.bag_inputs as kernel
@@ -183,34 +184,54 @@ def test_cuda_hand_case_and_lengths(tiny_launch):
     np.testing.assert_array_equal(lengths, [-1, 0, 3, 3, 3, 9, 9, 0, 4, 1])
 
 
-class _SimBackend:
-    """The cuda backend's seam over numpy, for the simulator (no CuPy, no device)."""
+class _LaunchRecorder:
+    """Wraps a kernel: records each launch's ``(grid, block)`` and forwards it, or only records (``run=False``)."""
 
-    name = "cuda"
-    xp = np
-    torch_device = torch.device("cpu")
+    def __init__(self, kernel, launches, run=True):
+        self.kernel, self.launches, self.run = kernel, launches, run
 
-    def from_host(self, a):
-        return np.ascontiguousarray(a)
+    def __getitem__(self, config):
+        self.launches.append((self.kernel, config[0], config[1]))
+        return self.kernel[config] if self.run else (lambda *args: None)
 
-    def tensor_from_host(self, a):
-        return torch.from_numpy(np.ascontiguousarray(a))
 
-    def kernel_array(self, a):
-        return a
+def record_launches(monkeypatch, run=True):
+    """Make the launchers' kernels record their launches; returns the list they append to."""
+    launches = []
+    build = kernel.cuda_kernels
 
-    def view_of_tensor(self, t):
-        return np.from_dlpack(t.detach())
+    def recording(*args, **kwargs):
+        k = build(*args, **kwargs)
+        return k._replace(**{f: _LaunchRecorder(getattr(k, f), launches, run) for f in ("lengths", "scan", "fill")})
 
-    def to_host(self, a):
-        return np.asarray(a)
+    monkeypatch.setattr(kernel, "cuda_kernels", recording)
+    return launches
+
+
+@pytest.mark.cudasim
+def test_cuda_block_size_changed_after_a_first_build(tiny_launch, monkeypatch):
+    # Regression (review finding 7): the scan's shared array was sized by THREADS_PER_BLOCK at the first build
+    # and the launch read the constant again, so raising it later wrote past the array on a GPU. Now each
+    # block size has its own build and every launch uses its build's size, which the simulator also enforces.
+    launches = record_launches(monkeypatch)
+    case = random_case(12, 29, 0.25, seed=5)
+    batch = np.random.default_rng(5).integers(0, len(case[2]), size=13)
+    for block in (4, 8, 2):
+        monkeypatch.setattr(kernel, "THREADS_PER_BLOCK", block)
+        check_against_reference(case, batch, run_kernel(case, batch, target="cuda", rows=15, capacity=200))
+    # Three launches a batch, each with the batch's block, the scan the one built for that block.
+    assert [b for _, _, b in launches] == [4] * 3 + [8] * 3 + [2] * 3
+    assert [k is kernel._build_cuda_kernels(b).scan for k, _, b in launches[1::3]] == [True] * 3
+    # What the fix prevents: the kernels built for 4 threads, launched with 8, overrun the scan's array.
+    with pytest.raises(IndexError, match="out of bounds"):
+        kernel.cuda_kernels(4).scan[1, 8](np.arange(11, dtype=np.int64), 10)
 
 
 @pytest.mark.cudasim
 def test_assembler_on_the_cuda_launch_path(tiny_launch, monkeypatch):
     monkeypatch.setattr(bags, "_torch_stream", lambda device: 0)
     case = random_case(10, 23, 0.3, seed=8)
-    matrix = InteractionMatrix(_SimBackend(), *case[:2], 10, case[4])
+    matrix = InteractionMatrix(SimBackend(), *case[:2], 10, case[4])
     assembler = bags.BagAssembler(matrix, Samples(case[2], case[3]), 6)
     order = assembler.to_device_indices(np.arange(len(case[2]))[::-1].copy())
     got = assembler.assemble(order[2:8])
@@ -239,7 +260,7 @@ def test_cuda_kernels_compile_to_sm90_ptx_without_float64(monkeypatch):
     rows = (types.int64[::1], types.int32[::1], i32, i32, i64)  # indptr, indices, users, items, batch
     fill = (rows[0], rows[1], types.float32[::1], types.int64, i32, i32, i64)
     outs = (i64, i64, types.float32[::1], types.float32[:, ::1], i64)
-    lengths_kernel, scan_kernel, fill_kernel = kernel.cuda_kernels()
+    lengths_kernel, scan_kernel, fill_kernel, _ = kernel.cuda_kernels()
     for k, sig, barrier in (
         (lengths_kernel, (*rows, i64), False),
         (scan_kernel, (i64, types.int64), True),
@@ -249,6 +270,38 @@ def test_cuda_kernels_compile_to_sm90_ptx_without_float64(monkeypatch):
         assert ".target sm_90" in ptx
         assert (("bar.sync" in ptx) or ("barrier.sync" in ptx)) == barrier
         assert ".f64" not in ptx  # float32 kernels must not fall back to double precision
+
+
+def shared_bytes(ptx: str) -> list[int]:
+    """Sizes of the shared arrays a PTX module declares."""
+    return [int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx)]
+
+
+@pytest.mark.skipif(IN_CUDASIM, reason="the simulator cannot compile PTX (first pass only)")
+def test_launch_block_equals_the_block_the_scan_was_compiled_for(monkeypatch):
+    # Review finding 7: the launcher must launch with the size the scan's shared array was compiled for,
+    # also when THREADS_PER_BLOCK changes after a first build. Launches are recorded, not run (no GPU).
+    from numba import cuda, types
+
+    launches = record_launches(monkeypatch, run=False)
+    case = hand_case()
+    batch = np.arange(len(case[2]), dtype=np.int64)
+    for block in (64, 128):
+        monkeypatch.setattr(kernel, "THREADS_PER_BLOCK", block)
+        run_kernel(case, batch, target="cuda")
+        kernel.bag_lengths(*case[:4], batch, np.zeros(len(batch) + 1, np.int64), target="cuda")
+    # bag_inputs: lengths, scan, fill; then bag_lengths: lengths. Grids: rows / block, one block, a block a row.
+    assert [(g, b) for _, g, b in launches] == [(1, 64), (1, 64), (9, 64), (1, 64)] + [
+        (1, 128),
+        (1, 128),
+        (9, 128),
+        (1, 128),
+    ]
+    for scan, _, block in (launches[1], launches[5]):
+        ptx, _ = cuda.compile_ptx(scan.py_func, (types.int64[::1], types.int64), cc=(9, 0))
+        assert shared_bytes(ptx) == [8 * block]  # one int64 per thread of the block it was launched with
+    with pytest.raises(ValueError, match=r"\[1, 1024\], got 2048"):
+        kernel.cuda_kernels(2048)
 
 
 # --- gpu_ann.bags on the CPU backend -----------------------------------------------------------------------
@@ -334,6 +387,30 @@ def test_assembler_refusals():
         bags.BagAssembler(matrix, Samples(np.array([0], np.int32), np.array([-1], np.int32)), 2)
     with pytest.raises(ValueError, match="hold 2 rows, fewer than the 4"):
         bags.BagAssembler(matrix, samples, 4, small.buffers)
+
+
+def test_default_capacity_fits_a_batch_of_the_longest_users_samples():
+    # Why the buffers hold max_rows x the longest row, not the sum of the max_rows longest rows (review
+    # finding 6): a training sample is a stored entry, so the longest user has as many samples as items and
+    # one batch may be all of them. Skewed case: user 0 holds items 0..29, users 1..9 one item each.
+    rows = [list(range(30))] + [[u] for u in range(1, 10)]
+    indptr, indices = csr_case(rows, 30)
+    host = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(10, 30))
+    matrix = InteractionMatrix.from_scipy(get_backend("cpu"), host)
+    users = np.repeat(np.arange(10), np.diff(indptr)).astype(np.int32)
+    samples = Samples(users, indices.astype(np.int32))  # one per stored entry, as the trainer makes them
+    assembler = bags.BagAssembler(matrix, samples, 8)
+    assert assembler.buffers.capacity == 8 * 30
+    batch = np.arange(8)  # eight of user 0's samples: bags of 29 items each
+    got = assembler.assemble(assembler.to_device_indices(batch))
+    assert got.indices.shape[0] == 8 * 29 > 30 + 7  # more than the 8 longest rows hold together
+    ref = bags_reference(indptr, indices, IMPLICIT, users, samples.item, batch, 30)
+    np.testing.assert_array_equal(got.offsets.numpy(), ref[0])
+    np.testing.assert_array_equal(got.indices.numpy(), ref[1])
+    # Sized by the sum of the longest rows, the same ordinary batch is refused.
+    smaller = bags.BagAssembler(matrix, samples, 8, capacity=30 + 7)
+    with pytest.raises(ValueError, match="bags hold 232 entries but the buffers 37"):
+        smaller.assemble(smaller.to_device_indices(batch))
 
 
 def test_fixed_bags_evaluate_the_same_samples_as_fixed_batches():

@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis) of the sparse input path: ``BagAssembler`` on the CPU backend.
+"""Property-based tests (hypothesis) of the sparse input path: ``BagAssembler`` on the CPU backend, and on
+the CUDA launch path with the CUDA bag kernels under the simulator (second pass, ``NUMBA_ENABLE_CUDASIM=1``).
 
 Structures are drawn with ``test_properties``' strategies (random valid CSR, empty rows included; one
 corruption at a time for the invalid ones). Every batch of bags is densified by a slow loop written here
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from hypothesis import given
+from cases import SimBackend
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import assemble_reference
 from test_properties import ROW_KINDS, SETTINGS, corrupted, csr_rows, names_row, samples_for, to_csr
@@ -80,6 +82,10 @@ def no_bag_kernel():
         yield [stack.enter_context(mock.patch.object(module, name)) for module, name in targets]
 
 
+# The simulator runs each CUDA thread as a Python thread: few examples (the strategies' sizes are tiny already).
+SIM_SETTINGS = settings(SETTINGS, max_examples=15)
+
+
 @st.composite
 def bag_cases(draw):
     """A valid structure, optional values, samples on it (some without a target), an order and a batch size."""
@@ -106,15 +112,21 @@ def test_bags_densify_to_the_reference_rows(case):
     (a partial last batch included) densify to ``assemble_reference``'s rows (rtol 1e-6) and labels; the
     bags are sorted sets of in-range items laid out as ``embedding_bag`` needs; and the per-sample bag
     lengths the assembler keeps on the host are the reference's."""
+    check_bags_of_every_batch(case, cpu_matrix(*case[:3]))
+
+
+def check_bags_of_every_batch(case, matrix: InteractionMatrix) -> list:
+    """Assemble every batch of the case's order on ``matrix`` and check it against the reference; returns
+    the batches as numpy arrays."""
     rows, n_cols, values, users, items, allow_no_target, order, max_rows = case
     indptr, indices = to_csr(rows)
-    matrix = cpu_matrix(rows, n_cols, values)
     assembler = BagAssembler(matrix, Samples(users, items), max_rows, allow_no_target=allow_no_target)
 
     expected_lengths = [sum(1 for i in rows[u] if i != t) for u, t in zip(users, items)]
     np.testing.assert_array_equal(assembler.sample_bag_lengths, expected_lengths)
 
     device_order = assembler.to_device_indices(order)
+    batches = []
     for start in range(0, len(order), max_rows):
         batch = order[start : start + max_rows]
         got = assembler.assemble(device_order[start : start + max_rows])
@@ -122,6 +134,33 @@ def test_bags_densify_to_the_reference_rows(case):
         ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n_cols, values=values)
         np.testing.assert_allclose(densify_slowly(got, n_cols), ref, rtol=1e-6, atol=0)
         np.testing.assert_array_equal(got.labels.numpy(), ref_labels)
+        batches.append([t.numpy().copy() for t in got])
+    return batches
+
+
+@pytest.mark.cudasim
+@SIM_SETTINGS
+@given(bag_cases())
+def test_cuda_bag_kernels_densify_to_the_reference_rows(case):
+    """The same property on the CUDA launch path: ``BagAssembler`` on a numpy stand-in for the cuda backend
+    launches the CUDA bag kernels (lengths, scan, fill; and the lengths pass of the host table) under the
+    simulator, with 4-thread blocks and a 3-block grid so that rows span strides, the grid-stride loops
+    run and the scan has several chunks. Besides the reference, every batch equals the CPU twin's bit for
+    bit (the same float32 arithmetic)."""
+    rows, n_cols, values = case[:3]
+    indptr, indices = to_csr(rows)
+    on_sim = InteractionMatrix(SimBackend(), indptr, indices, len(rows), n_cols, values)
+    # Patched here, not by a fixture: hypothesis runs every example inside one function-scoped fixture.
+    with (
+        mock.patch.object(bag_kernels, "THREADS_PER_BLOCK", 4),
+        mock.patch.object(bag_kernels, "MAX_BLOCKS", 3),
+        mock.patch.object(bags_module, "_torch_stream", lambda device: 0),
+    ):
+        sim = check_bags_of_every_batch(case, on_sim)
+    cpu = check_bags_of_every_batch(case, cpu_matrix(*case[:3]))
+    for got, expected in zip(sim, cpu, strict=True):
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @SETTINGS

@@ -1,6 +1,7 @@
 """Soak and leak tests: thousands of small training steps keep process memory flat, and building and tearing
 down the loader and the trainer 20 times leaks nothing measurable (RSS, tracemalloc and live objects; on a GPU
-also torch's and CuPy's device memory)."""
+also torch's and CuPy's device memory). Both input paths: the dense one, and the sparse one (``BagAssembler``)
+trained with the sampled softmax (``NegativeSampler``, ``Objective``)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_ann.bags import BagAssembler, BagBuffers
 from gpu_ann.batching import BatchAssembler, FixedBatches
 from gpu_ann.data.table import RatingsTable
+from gpu_ann.handoff import BatchBuffers
 from gpu_ann.loader import BatchLoader
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.model import CandidateGenerator
+from gpu_ann.objective import Objective
+from gpu_ann.sampled import NegativeSampler
 from gpu_ann.training import TrainConfig, train
 
 STATM = Path("/proc/self/statm")
@@ -31,17 +36,35 @@ pytestmark = pytest.mark.skipif(not STATM.exists(), reason="reads the resident s
 MiB = 1 << 20
 WARMUP_STEPS, SOAK_STEPS = 1_000, 5_000
 # Resident memory may move by allocator bookkeeping (a few hundred KiB seen here over 8,000 steps); 4 MiB
-# over 5,000 steps catches any leak of 840 bytes a step or more, and one leaked batch (32 x 63 float32, 8 KiB)
-# a step would add 40 MiB.
+# over 5,000 steps catches any leak of 840 bytes a step or more. One leaked dense batch (32 x 63 float32,
+# 8 KiB) a step would add 40 MiB; one leaked sparse batch (32 bags of 9 entries on average, int64 index and
+# float32 weight each, plus offsets, features and labels: about 4.5 KiB) 22 MiB (35 MiB seen, with the
+# tensors' own overhead), and keeping every step's loss (its autograd graph) 80 MiB.
 SOAK_RSS_TOLERANCE = 4 * MiB
 ROUNDS, WARM_ROUNDS = 20, 4
-# A round allocates about 4 MiB of batch buffers (two loaders of 256 x 2,003 float32); leaking them in each
-# round would raise the low point of the last five measured rounds about 40 MiB above that of the first five.
+# A round allocates about 4 MiB of dense batch buffers (two loaders of 256 x 2,003 float32); leaking them in
+# each round would raise the low point of the last five measured rounds about 40 MiB above that of the first
+# five. The sparse path's bag buffers (256 x the longest row, 18, x 12 bytes: 55 KiB a set) are too small for
+# RSS to show a leak of them; the live-object count below catches a kept BagBuffers or BagAssembler instead.
 ROUND_RSS_TOLERANCE = 8 * MiB
 # Python-level growth over 15 measured rounds; leaking one loader, model or optimiser object graph a round
 # is far above this (a torch module alone is a few KiB of Python objects).
 ROUND_TRACED_TOLERANCE = 64 * 1024
-TRACKED = (BatchLoader, BatchAssembler, FixedBatches, InteractionMatrix, CandidateGenerator, torch.optim.Optimizer)
+TRACKED = (
+    BatchLoader,
+    BatchAssembler,
+    BatchBuffers,
+    BagAssembler,
+    BagBuffers,
+    FixedBatches,  # FixedBags too (a subclass, counted under its own name)
+    InteractionMatrix,
+    CandidateGenerator,
+    NegativeSampler,
+    Objective,
+    torch.optim.Optimizer,
+)
+# The sparse path's soak: the sampled softmax with this many popularity-drawn negatives per batch.
+SOAK_NEGATIVES = 16
 
 
 def rss() -> int:
@@ -50,7 +73,7 @@ def rss() -> int:
 
 
 def live_objects() -> dict[str, int]:
-    """How many loaders, assemblers, matrices, models and optimisers are still alive."""
+    """How many loaders, assemblers, buffers, matrices, models, samplers, objectives and optimisers are alive."""
     counts: dict[str, int] = {}
     for obj in gc.get_objects():
         if isinstance(obj, TRACKED):
@@ -92,20 +115,36 @@ def endless(loader: BatchLoader):
         yield from loader
 
 
-def soak(backend: str, measure) -> tuple[int, list[int], float, int]:
-    """Train a tiny model for WARMUP_STEPS + SOAK_STEPS steps; ``measure()`` after warm-up and every 1,000 steps."""
+def soak(backend: str, measure, path: str = "dense") -> tuple[int, list[int], float, int]:
+    """Train a tiny model for WARMUP_STEPS + SOAK_STEPS steps; ``measure()`` after warm-up and every 1,000 steps.
+
+    ``path="dense"``: a plain MLP on the dense rows with the full softmax. ``path="sparse"``: the bags
+    (``BagAssembler``) into a small ``CandidateGenerator``, trained through ``Objective`` with the sampled
+    softmax over ``NegativeSampler``'s popularity draws.
+    """
     csr = random_pairs(200, 60, 2_000, seed=0)
     coo = csr.tocoo()
     torch.manual_seed(0)
-    with BatchLoader.from_csr(csr, coo.row, coo.col, 32, backend=backend, seed=0) as loader:
-        model = nn.Sequential(nn.Linear(loader.n_features, 16), nn.ReLU(), nn.Linear(16, loader.n_items))
-        model = model.to(loader.device)
+    with BatchLoader.from_csr(csr, coo.row, coo.col, 32, backend=backend, seed=0, path=path) as loader:
+        if path == "dense":
+            model = nn.Sequential(nn.Linear(loader.n_features, 16), nn.ReLU(), nn.Linear(16, loader.n_items))
+            model = model.to(loader.device)
+
+            def loss_of(batch):
+                return F.cross_entropy(model(batch.X), batch.y)
+
+        else:
+            model = CandidateGenerator(loader.n_items, (16, 16, 16)).to(loader.device)
+            counts = np.bincount(coo.col, minlength=loader.n_items)
+            sampler = NegativeSampler(
+                loader.n_items, SOAK_NEGATIVES, "popularity", counts, power=0.75, device=loader.device
+            )
+            loss_of = Objective(model, sampler).loss
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         batches = endless(loader)
         readings, first_loss = [], None
         for step in range(1, WARMUP_STEPS + SOAK_STEPS + 1):
-            X, y = next(batches)
-            loss = F.cross_entropy(model(X), y)
+            loss = loss_of(next(batches))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -119,8 +158,9 @@ def soak(backend: str, measure) -> tuple[int, list[int], float, int]:
         return base, readings, loss.item() / first_loss, loader.epoch
 
 
-def test_process_memory_stays_flat_over_thousands_of_steps(one_thread):
-    base, readings, loss_ratio, epochs = soak("cpu", rss)
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_process_memory_stays_flat_over_thousands_of_steps(one_thread, path):
+    base, readings, loss_ratio, epochs = soak("cpu", rss, path)
     assert epochs > 90  # 63 batches an epoch: every epoch boundary (a new order on the device) was crossed
     assert loss_ratio < 0.9  # it trained: the loss fell
     growth = [r - base for r in readings]
@@ -128,17 +168,24 @@ def test_process_memory_stays_flat_over_thousands_of_steps(one_thread):
 
 
 def build_and_tear_down(csr: sp.csr_matrix, table: RatingsTable, out: Path, backend: str) -> None:
-    """One round: a loader built, iterated for an epoch and closed, then a short training run into ``out``."""
+    """One round, on each input path: a loader built, iterated for an epoch and closed, then a short training
+    run into ``out`` (dense with the full softmax; sparse with the sampled softmax)."""
     coo = csr.tocoo()
     with BatchLoader.from_csr(csr, coo.row, coo.col, 256, backend=backend, seed=0) as loader:
         for X, _ in loader:
             assert X.shape[1] == csr.shape[1] + 3
-    cfg = TrainConfig(
-        out=str(out), backend=backend, hidden=(8, 8, 8), batch_size=256, max_steps=3, eval_every=3, eval_batches=1
-    )
-    result = train(cfg, table)
-    assert result.steps == 3 and (out / "model.pt").is_file()
-    shutil.rmtree(out)  # disk is not what is measured, and 20 runs need not stay on it
+    with BatchLoader.from_csr(csr, coo.row, coo.col, 256, backend=backend, seed=0, path="sparse") as loader:
+        for bags in loader:
+            assert bags.features.shape[0] == bags.offsets.shape[0] - 1 == bags.labels.shape[0]
+            assert bags.offsets[-1] == bags.indices.shape[0] == bags.weights.shape[0]
+    for path, softmax in (("dense", "full"), ("sparse", "sampled")):
+        cfg = TrainConfig(
+            out=str(out), backend=backend, hidden=(8, 8, 8), batch_size=256, max_steps=3, eval_every=3,
+            eval_batches=1, input_path=path, softmax=softmax, negatives=SOAK_NEGATIVES,
+        )  # fmt: skip
+        result = train(cfg, table)
+        assert result.steps == 3 and (out / "model.pt").is_file()
+        shutil.rmtree(out)  # disk is not what is measured, and 20 runs need not stay on it
 
 
 def rounds(tmp_path: Path, backend: str, measure) -> tuple:
@@ -196,11 +243,13 @@ def device_bytes() -> tuple[int, int]:
 
 
 @pytest.mark.gpu
-def test_device_memory_stays_flat_over_thousands_of_steps():
-    base, readings, loss_ratio, _ = soak("cuda", device_bytes)
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_device_memory_stays_flat_over_thousands_of_steps(path):
+    base, readings, loss_ratio, _ = soak("cuda", device_bytes, path)
     assert loss_ratio < 0.9
     # Live bytes between steps: the buffers, the matrix, the model and Adam's state, the same every step.
-    # Up to 1 MiB of slack for allocator rounding; a leaked 8 KiB batch a step would add 40 MiB.
+    # Up to 1 MiB of slack for allocator rounding; a leaked batch a step would add 40 MiB (dense, 8 KiB) or
+    # 22 MiB (sparse, 4.5 KiB).
     for torch_bytes, cupy_bytes in readings:
         assert torch_bytes - base[0] <= MiB and cupy_bytes - base[1] <= MiB, (base, readings)
 
