@@ -23,10 +23,14 @@ from gpu_ann.backend import get_backend
 from gpu_ann.bags import PATHS, FixedBags, row_statistics, step_bytes
 from gpu_ann.batching import FixedBatches
 from gpu_ann.checkpoint import (
+    MODEL_FILE,
     STATE_FILE,
     Checkpoint,
     CheckpointError,
     ResumeState,
+    check_model_shape,
+    data_difference,
+    data_summary,
     fingerprint,
     load_checkpoint,
     load_data,
@@ -278,7 +282,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     objective = Objective(model, sampler, cfg.precision, cfg.compile)
 
     run_dir = Path(cfg.out)
-    data_fp = fingerprint(table)
+    data_fp, data_info = fingerprint(table), data_summary(table)
 
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
     best, bad_evals, step, history = math.inf, 0, 0, []
@@ -334,6 +338,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
                 time.perf_counter() - started,
                 sampler.get_state() if sampler is not None else None,
                 replicas.world_size,
+                data_info,
             ),
         )
 
@@ -374,7 +379,9 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
                 run_log.start_fresh()
             save_checkpoint(
                 run_dir,
-                Checkpoint(model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict()),
+                Checkpoint(
+                    model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict(), data_info
+                ),
             )
         else:
             bad_evals += 1
@@ -477,7 +484,8 @@ def resume_run(run_dir: str | Path) -> TrainResult:
     Raises
     ------
     CheckpointError
-        Files missing, unreadable, or from other data.
+        Files missing, unreadable, of another format version, from other data or of another model shape;
+        the message says what differs.
     """
     run_dir = Path(run_dir)
     stale = remove_stale_temporaries(run_dir) if run_dir.is_dir() else []
@@ -486,7 +494,13 @@ def resume_run(run_dir: str | Path) -> TrainResult:
     state = load_resume_state(run_dir)
     table, assignment = load_data(run_dir)
     if state.data_fingerprint != fingerprint(table):
-        raise CheckpointError(f"{run_dir}: last.pt and data.npz come from different data")
+        difference = data_difference(state.data_summary, table, state.model_state, "last.pt", "data.npz")
+        raise CheckpointError(f"{run_dir}: last.pt and data.npz come from different data: {difference}")
+    # model.pt is loaded at the end of the run: refuse one of other data or another shape now, not then (and
+    # keep no reference to it: the run would hold a second copy of the weights and Adam's state).
+    best_weights = load_checkpoint(run_dir, table).model_state
+    check_model_shape(run_dir / MODEL_FILE, best_weights, state.config["hidden"], table.n_items, "last.pt")
+    del best_weights
     # TOML-free round trip: the saved dict holds lists where the config has tuples.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.config.items()}
     cfg = dataclasses.replace(TrainConfig(**values), out=str(run_dir))
