@@ -1,9 +1,10 @@
 """Run directories: the data a run saw (``data.npz``) and its best model (``model.pt``).
 
 Every file is written to a temporary name in the same directory and moved into place with
-``os.replace``, so a crash leaves the previous version or the new one, never half of one. Loading
-never unpickles arbitrary objects: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``.
-A file for other data or of another model shape is refused with a message that says what differs.
+``os.replace``, so a crash leaves the previous version or the new one, never half of one (a run's first
+checkpoint, several files, is made atomic as a set by :mod:`gpu_ann.run_directory`). Loading never
+unpickles arbitrary objects: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``. A file
+for other data or of another model shape is refused with a message that says what differs.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ What differs between runs (dense rows or bags, full or sampled softmax, fp32 or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,7 +25,6 @@ from gpu_ann.bags import PATHS, FixedBags, row_statistics, step_bytes
 from gpu_ann.batching import FixedBatches
 from gpu_ann.checkpoint import (
     MODEL_FILE,
-    STATE_FILE,
     Checkpoint,
     CheckpointError,
     ResumeState,
@@ -48,6 +48,7 @@ from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
 from gpu_ann.progress import stage
+from gpu_ann.run_directory import check_output_directory, staged_run_directory
 from gpu_ann.run_log import RunLog
 from gpu_ann.sampled import NegativeSampler
 from gpu_ann.sharding import UserShard, shard_users
@@ -180,7 +181,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     Every ``cfg.eval_every`` steps (and at the last step) the model is scored on fixed batches of the
     training and validation splits; an improvement on validation is checkpointed, and training stops
     after ``cfg.patience`` evaluations without one, or after ``max_steps`` / ``max_epochs``. The run
-    directory ``cfg.out`` appears with the first checkpoint and then holds ``data.npz``, ``model.pt``,
+    directory ``cfg.out`` appears whole with the first checkpoint (replacing an earlier run's there; see
+    :mod:`gpu_ann.run_directory`) and then holds ``data.npz``, ``model.pt``, ``last.pt``,
     ``config.toml``, ``metrics.jsonl`` and ``curves.png``. The loss is read back to the host only at
     evaluation time. Under ``torchrun`` every rank trains on its share of each batch and only rank 0
     evaluates and writes (see :mod:`gpu_ann.distributed`).
@@ -205,6 +207,9 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         The validation loss stopped being finite.
     DataError
         The ratings cannot be read, or give an empty training or validation split.
+    CheckpointError
+        ``cfg.out`` is a file, a link, the current directory (or one above it), or a directory holding files
+        a run does not write (checked first).
     BackendUnavailable
         ``cfg.backend == "cuda"`` where CUDA cannot run.
     MemoryBudgetExceeded
@@ -214,6 +219,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     """
     started = time.perf_counter()
     _check_choices(cfg)
+    if resume is None:
+        check_output_directory(Path(cfg.out))  # every rank, before anything is read or allocated
     backend = get_backend(cfg.backend, device=int(os.environ.get("LOCAL_RANK", "0")) if cfg.backend != "cpu" else None)
     replicas = Replicas(backend.name)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -316,11 +323,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     stop = step >= max_steps or (resume is not None and resume[0].finished)
     since = {"step": step, "time": time.perf_counter()}  # training throughput between evaluations
 
-    def save_state(finished: bool = False) -> None:
+    def save_state(finished: bool = False, directory: Path = run_dir) -> None:
         """``last.pt``: the current weights, optimiser, sampler position, RNGs and early-stopping state."""
         cuda_rng = torch.cuda.get_rng_state_all() if backend.name == "cuda" else []
         save_resume_state(
-            run_dir,
+            directory,
             ResumeState(
                 model.state_dict(),
                 optimizer.state_dict(),
@@ -372,17 +379,6 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         improved = losses["validation"] < best
         if improved:
             best, bad_evals = losses["validation"], 0
-            if not history:  # the first checkpoint: the run directory appears only now, complete
-                # An earlier run's state in this directory must never be resumed on this run's data.
-                (run_dir / STATE_FILE).unlink(missing_ok=True)
-                save_data(run_dir, table, assignment)
-                run_log.start_fresh()
-            save_checkpoint(
-                run_dir,
-                Checkpoint(
-                    model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict(), data_info
-                ),
-            )
         else:
             bad_evals += 1
         record = {
@@ -396,10 +392,21 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
             "samples_per_s": samples_per_s,
             "elapsed_s": time.perf_counter() - started,
         }
+        first = not history  # (the first evaluation always improves: it is finite)
         history.append(record)
-        if best < math.inf:  # the run directory exists once the first checkpoint is written
-            run_log.write(record)
-            save_state()
+        # The first checkpoint's files are written beside the run directory and renamed into place together:
+        # a kill leaves no run directory (or the earlier run in it, whole) or a complete, resumable one.
+        with staged_run_directory(run_dir) if first else contextlib.nullcontext(run_dir) as directory:
+            if first:
+                save_data(directory, table, assignment)
+            if improved:
+                best_model = Checkpoint(
+                    model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict(), data_info
+                )
+                save_checkpoint(directory, best_model)
+            run_log.write(record, directory)
+            save_state(directory=directory)
+        run_log.tensorboard(record)
         since.update(step=step, time=time.perf_counter())
         bar.write(
             f"step {step:6d}  epoch {epoch}  train loss {losses['train']:.4f}  "
