@@ -6,7 +6,7 @@ makes the set atomic. The files are written into a hidden sibling, ``.NAME.parti
 takes the run directory's place in one rename. A process killed at any point leaves no run directory (or
 the earlier run in it, untouched) or the complete new one, which ``gpu-ann train --resume`` continues.
 
-An existing ``--out`` is handled so that training never deletes a file it did not write:
+An existing ``--out`` is handled so that training never deletes a file that no run wrote:
 
 - missing or empty: the staged directory is renamed onto it;
 - holding only what a run writes (an earlier run): the new run replaces it as a whole at its first
