@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     splits, input_lengths = _input_rows(cfg, table)
     plans = planner_report(cfg, table, splits, input_lengths, backend)
 
+    # A new run refuses an --out holding files a run does not write: this record of an earlier run there is
+    # this script's own, and the new run writes it again.
+    (Path(args.out) / RESULT_FILE).unlink(missing_ok=True)
     try:
         result = train(cfg, table)
     except planner.MemoryBudgetExceeded as exc:

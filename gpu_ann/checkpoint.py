@@ -1,8 +1,10 @@
 """Run directories: the data a run saw (``data.npz``) and its best model (``model.pt``).
 
 Every file is written to a temporary name in the same directory and moved into place with
-``os.replace``, so a crash leaves the previous version or the new one, never half of one. Loading
-never unpickles arbitrary objects: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``.
+``os.replace``, so a crash leaves the previous version or the new one, never half of one (a run's first
+checkpoint, several files, is made atomic as a set by :mod:`gpu_ann.run_directory`). Loading never
+unpickles arbitrary objects: ``np.load(allow_pickle=False)`` and ``torch.load(weights_only=True)``. A file
+for other data or of another model shape is refused with a message that says what differs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 from gpu_ann.config import to_toml
 from gpu_ann.data.table import RatingsTable, ReadSummary
 
-FORMAT_VERSION = 1
+# 2: model.pt and last.pt also hold data_summary (the data's sizes), for messages that say what differs.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 files load as they are, without data_summary
 DATA_FILE = "data.npz"
 MODEL_FILE = "model.pt"
 STATE_FILE = "last.pt"  # everything needed to continue the run exactly (gpu-ann train --resume)
@@ -80,11 +84,125 @@ def fingerprint(table: RatingsTable) -> str:
     str
         The first 16 hex digits of a SHA-256.
     """
+    return _hash(table.user_ids, table.item_ids)
+
+
+def _hash(*id_maps: np.ndarray) -> str:
+    """The first 16 hex digits of a SHA-256 over the arrays' dtypes and bytes, in order."""
     h = hashlib.sha256()
-    for ids in (table.user_ids, table.item_ids):
+    for ids in id_maps:
         h.update(str(ids.dtype).encode())
         h.update(np.ascontiguousarray(ids).tobytes())
     return h.hexdigest()[:16]
+
+
+def data_summary(table: RatingsTable) -> dict[str, Any]:
+    """The data's sizes and a hash of each id map, kept in checkpoint headers to say how other data differs.
+
+    Parameters
+    ----------
+    table : RatingsTable
+        The data a run trains on.
+
+    Returns
+    -------
+    dict
+        ``n_users``, ``n_items`` (int) and ``user_ids``, ``item_ids`` (16 hex digits each).
+    """
+    return {
+        "n_users": table.n_users,
+        "n_items": table.n_items,
+        "user_ids": _hash(table.user_ids),
+        "item_ids": _hash(table.item_ids),
+    }
+
+
+def data_difference(
+    stored: dict[str, Any] | None, table: RatingsTable, model_state=None, here="the checkpoint", there="the data"
+) -> str:
+    """What differs, in words, between the data a file was written for and ``table`` (fingerprints differ).
+
+    Parameters
+    ----------
+    stored : dict or None
+        The file's :func:`data_summary`; None for a version 1 file, where only the output layer tells
+        ``n_items`` (from ``model_state``).
+    table : RatingsTable
+        The data it is to be used with.
+    model_state : dict, optional
+        The file's weights.
+    here, there : str
+        How the message names the file and the data.
+
+    Returns
+    -------
+    str
+        For example ``"n_items 7,157 in the checkpoint vs 7,160 in the data"``.
+    """
+    now = data_summary(table)
+    if stored is None and model_state is not None and "out.bias" in model_state:
+        stored = {"n_items": len(model_state["out.bias"])}
+    stored = stored or {}
+    parts = [
+        f"{key} {stored[key]:,} in {here} vs {now[key]:,} in {there}"
+        for key in ("n_users", "n_items")
+        if key in stored and stored[key] != now[key]
+    ]
+    if not parts:
+        parts = [
+            f"the same {now['n_' + noun]:,} {noun} but other {noun[:-1]} ids or another order"
+            for noun in ("users", "items")
+            if f"{noun[:-1]}_ids" in stored and stored[f"{noun[:-1]}_ids"] != now[f"{noun[:-1]}_ids"]
+        ]
+    return "; ".join(parts) or f"other users or items ({here} is of format version 1, which stores no sizes)"
+
+
+def check_model_shape(path: Path, model_state: dict, hidden, n_items: int | None = None, where="its config") -> None:
+    """Refuse weights whose hidden sizes (or number of items) are not the expected ones, saying which differ.
+
+    Parameters
+    ----------
+    path : Path
+        The file the weights come from, for the message.
+    model_state : dict
+        A :class:`~gpu_ann.model.CandidateGenerator` ``state_dict`` (either first-layer layout).
+    hidden : sequence of int
+        The expected hidden sizes; ``where`` says where they come from.
+    n_items : int, optional
+        The expected number of items (of the data).
+    where : str
+        How the message names the source of ``hidden``.
+
+    Raises
+    ------
+    CheckpointError
+        For example ``"hidden (16,16,16) in the weights vs (8,8,8) in its config"``.
+    """
+    try:
+        out, first = model_state["out.weight"], model_state.get("embed.item_table")
+        h0 = first.shape[1] if first is not None else model_state["embed.weight"].shape[0]
+        shape = len(out), (int(h0), int(model_state["mlp.0.weight"].shape[0]), int(out.shape[1]))
+    except (KeyError, IndexError) as exc:
+        raise CheckpointError(f"{path}: not a candidate generator's weights (no {exc})") from exc
+    parts = []
+    if n_items is not None and shape[0] != n_items:
+        parts.append(f"n_items {shape[0]:,} in the weights vs {n_items:,} in the data")
+    if shape[1] != tuple(hidden):
+        parts.append(f"hidden {_sizes(shape[1])} in the weights vs {_sizes(hidden)} in {where}")
+    if parts:
+        raise CheckpointError(f"{path}: a model of another shape: " + "; ".join(parts))
+
+
+def _sizes(hidden) -> str:
+    """``(16,16,16)``: hidden sizes as the messages write them."""
+    return "(" + ",".join(str(h) for h in hidden) + ")"
+
+
+def _check_version(path: Path, version) -> None:
+    """Refuse a file of a format version this gpu-ann cannot read, naming both."""
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+        raise CheckpointError(f"{path}: format version {version}, this gpu-ann reads versions {readable}")
 
 
 def save_data(run_dir: Path, table: RatingsTable, assignment: np.ndarray) -> None:
@@ -137,12 +255,13 @@ def load_data(run_dir: Path) -> tuple[RatingsTable, np.ndarray]:
     Raises
     ------
     CheckpointError
-        ``data.npz`` is missing, or its id maps do not match the stored fingerprint.
+        ``data.npz`` is missing, of another format version, or its id maps do not match the stored fingerprint.
     """
     path = Path(run_dir) / DATA_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (is {run_dir} a gpu-ann run directory?)")
     with np.load(path, allow_pickle=False) as z:
+        _check_version(path, int(z["format_version"]) if "format_version" in z.files else None)
         table = RatingsTable(
             user=z["user"],
             item=z["item"],
@@ -179,6 +298,8 @@ class Checkpoint:
         :func:`fingerprint` of the data it was trained on.
     optimizer_state : dict, optional
         The optimiser's ``state_dict``.
+    data_summary : dict, optional
+        :func:`data_summary` of the data (None in version 1 files).
     """
 
     model_state: dict[str, torch.Tensor]
@@ -188,6 +309,7 @@ class Checkpoint:
     best_validation_loss: float
     data_fingerprint: str
     optimizer_state: dict[str, Any] | None = None  # Adam's moments: plain tensors and numbers
+    data_summary: dict[str, Any] | None = None
 
 
 def _to_cpu(state):
@@ -226,6 +348,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
         "best_validation_loss": ckpt.best_validation_loss,
         "data_fingerprint": ckpt.data_fingerprint,
         "optimizer_state": _to_cpu(ckpt.optimizer_state),
+        "data_summary": ckpt.data_summary,
     }
     atomic_write(Path(run_dir) / MODEL_FILE, lambda f: torch.save(payload, f))
     text = to_toml(ckpt.config, "train")
@@ -250,8 +373,9 @@ def load_checkpoint(run_dir: Path, table: RatingsTable | None = None) -> Checkpo
     Raises
     ------
     CheckpointError
-        ``model.pt`` is missing, unreadable with ``weights_only=True``, of another format version, or
-        trained on data other than ``table``.
+        ``model.pt`` is missing, unreadable with ``weights_only=True``, of another format version, of
+        another shape than its config says, or trained on data other than ``table``; the message says
+        what differs.
     """
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
@@ -260,16 +384,15 @@ def load_checkpoint(run_dir: Path, table: RatingsTable | None = None) -> Checkpo
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read safely ({exc.__class__.__name__}: {exc})") from exc
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format version {payload.get('format_version')}, this gpu-ann reads {FORMAT_VERSION}"
-        )
+    _check_version(path, payload.get("format_version"))
     ckpt = Checkpoint(**{k: v for k, v in payload.items() if k != "format_version"})
     if table is not None and ckpt.data_fingerprint != fingerprint(table):
         raise CheckpointError(
-            f"{path}: trained on data with fingerprint {ckpt.data_fingerprint}, "
-            f"but {table.source or 'the data'} has {fingerprint(table)} (other users or items)"
+            f"{path}: trained on other data than {table.source or 'the data'}: "
+            f"{data_difference(ckpt.data_summary, table, ckpt.model_state)} "
+            f"(fingerprint {ckpt.data_fingerprint} vs {fingerprint(table)})"
         )
+    check_model_shape(path, ckpt.model_state, ckpt.config["hidden"], None if table is None else table.n_items)
     return ckpt
 
 
@@ -306,6 +429,8 @@ class ResumeState:
     world_size : int
         Ranks the run trained with (1 outside ``torchrun``): an epoch's samples are split among them, so the
         sampler position ``batch_in_epoch`` means the same samples only with the same number of ranks.
+    data_summary : dict, optional
+        :func:`data_summary` of the data (None in version 1 files).
     """
 
     model_state: dict[str, torch.Tensor]
@@ -324,6 +449,7 @@ class ResumeState:
     elapsed_s: float = 0.0
     sampler_rng: torch.Tensor | None = None
     world_size: int = 1
+    data_summary: dict[str, Any] | None = None
 
 
 def save_resume_state(run_dir: Path, state: ResumeState) -> None:
@@ -355,7 +481,8 @@ def load_resume_state(run_dir: Path) -> ResumeState:
     Raises
     ------
     CheckpointError
-        The file is missing, unreadable, or of another format version.
+        The file is missing, unreadable, of another format version, or its weights are of another shape
+        than its config says.
     """
     path = Path(run_dir) / STATE_FILE
     if not path.is_file():
@@ -364,9 +491,10 @@ def load_resume_state(run_dir: Path) -> ResumeState:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot be read safely ({exc.__class__.__name__}: {exc})") from exc
-    if payload.pop("format_version", None) != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by another gpu-ann format version")
-    return ResumeState(**payload)
+    _check_version(path, payload.pop("format_version", None))
+    state = ResumeState(**payload)
+    check_model_shape(path, state.model_state, state.config["hidden"])
+    return state
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[str]:

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--out",
         default=DEFAULTS.out,
-        help="run directory: data.npz, model.pt, config.toml, metrics.jsonl, curves.png",
+        help="run directory: data.npz, model.pt, last.pt, config.toml, metrics.jsonl, curves.png; it appears whole "
+        "at the first checkpoint, replacing an earlier run there, and one holding other files is refused",
     )
 
     rec = sub.add_parser(

@@ -13,19 +13,21 @@ log = logging.getLogger("gpu_ann.training")
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class RunLog:
     """One JSON line per evaluation in ``metrics.jsonl``, ``curves.png`` redrawn each time.
 
     Lines are appended and flushed whole, so a crash leaves complete lines; the PNG is written to a
-    temporary file and renamed. The run directory is created by the first checkpoint, so nothing is
-    written before it exists (see ``train``).
+    temporary file and renamed. The run directory appears with the first checkpoint, whose files
+    (this log's first line and PNG among them) are written into a staging directory first (see
+    :mod:`gpu_ann.run_directory`).
 
     Parameters
     ----------
     run_dir : Path
-        The run directory; it must exist before :meth:`write` or :meth:`start_fresh` is called.
+        The run directory; it must exist before :meth:`write` without ``directory`` is called.
     popularity : float
         The popularity baseline's validation loss, drawn as a horizontal line when finite.
     tensorboard : bool
@@ -39,19 +41,33 @@ class RunLog:
         self._tb = None
         self._tensorboard = tensorboard
 
-    def write(self, record: dict) -> None:
-        """Append one evaluation's record and redraw ``curves.png`` (and log it to TensorBoard).
+    def write(self, record: dict, directory: Path | None = None) -> None:
+        """Append one evaluation's record to ``metrics.jsonl`` and redraw ``curves.png``.
 
         Parameters
         ----------
         record : dict
-            JSON-serialisable; the curves need ``step``, ``train_loss`` and ``validation_loss``,
-            TensorBoard also ``samples_per_s``.
+            JSON-serialisable; the curves need ``step``, ``train_loss`` and ``validation_loss``.
+        directory : Path, optional
+            Where the two files are; default the run directory (the first checkpoint gives its staging
+            directory).
         """
+        directory = self.run_dir if directory is None else Path(directory)
         self.records.append(record)
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        with open(directory / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        self._plot()
+        self._plot(directory)
+
+    def tensorboard(self, record: dict) -> None:
+        """Log a record's losses and ``samples_per_s`` to ``run_dir/tensorboard`` when asked for.
+
+        Called once the run directory exists: TensorBoard's files are not part of a checkpoint.
+
+        Parameters
+        ----------
+        record : dict
+            As for :meth:`write`.
+        """
         if self._tensorboard:
             self._write_tensorboard(record)
 
@@ -62,11 +78,7 @@ class RunLog:
         text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
         atomic_write(self.run_dir / METRICS_FILE, lambda f: f.write(text), mode="w")
 
-    def start_fresh(self) -> None:
-        """A new run in this directory: forget an earlier run's lines."""
-        (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
-
-    def _plot(self) -> None:
+    def _plot(self, directory: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")  # headless: no display needed
@@ -86,7 +98,7 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        atomic_write(self.run_dir / CURVES_FILE, lambda f: fig.savefig(f, format="png"))
+        atomic_write(directory / CURVES_FILE, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
 
     def _write_tensorboard(self, record: dict) -> None:
@@ -97,7 +109,7 @@ class RunLog:
                 log.warning("TensorBoard logging asked for but not available (%s); pip install tensorboard", exc)
                 self._tensorboard = False
                 return
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR))
         for key in ("train_loss", "validation_loss", "samples_per_s"):
             self._tb.add_scalar(key, record[key], record["step"])
         self._tb.flush()

@@ -7,6 +7,7 @@ What differs between runs (dense rows or bags, full or sampled softmax, fp32 or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,10 +24,13 @@ from gpu_ann.backend import get_backend
 from gpu_ann.bags import PATHS, FixedBags, row_statistics, step_bytes
 from gpu_ann.batching import FixedBatches
 from gpu_ann.checkpoint import (
-    STATE_FILE,
+    MODEL_FILE,
     Checkpoint,
     CheckpointError,
     ResumeState,
+    check_model_shape,
+    data_difference,
+    data_summary,
     fingerprint,
     load_checkpoint,
     load_data,
@@ -44,6 +48,7 @@ from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
 from gpu_ann.progress import stage
+from gpu_ann.run_directory import check_output_directory, staged_run_directory
 from gpu_ann.run_log import RunLog
 from gpu_ann.sampled import NegativeSampler
 from gpu_ann.sharding import UserShard, shard_users
@@ -176,7 +181,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     Every ``cfg.eval_every`` steps (and at the last step) the model is scored on fixed batches of the
     training and validation splits; an improvement on validation is checkpointed, and training stops
     after ``cfg.patience`` evaluations without one, or after ``max_steps`` / ``max_epochs``. The run
-    directory ``cfg.out`` appears with the first checkpoint and then holds ``data.npz``, ``model.pt``,
+    directory ``cfg.out`` appears whole with the first checkpoint (replacing an earlier run's there; see
+    :mod:`gpu_ann.run_directory`) and then holds ``data.npz``, ``model.pt``, ``last.pt``,
     ``config.toml``, ``metrics.jsonl`` and ``curves.png``. The loss is read back to the host only at
     evaluation time. Under ``torchrun`` every rank trains on its share of each batch and only rank 0
     evaluates and writes (see :mod:`gpu_ann.distributed`).
@@ -201,6 +207,9 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         The validation loss stopped being finite.
     DataError
         The ratings cannot be read, or give an empty training or validation split.
+    CheckpointError
+        ``cfg.out`` is a file, a link, the current directory (or one above it), or a directory holding files
+        a run does not write (checked first).
     BackendUnavailable
         ``cfg.backend == "cuda"`` where CUDA cannot run.
     MemoryBudgetExceeded
@@ -210,6 +219,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
     """
     started = time.perf_counter()
     _check_choices(cfg)
+    if resume is None:
+        check_output_directory(Path(cfg.out))  # every rank, before anything is read or allocated
     backend = get_backend(cfg.backend, device=int(os.environ.get("LOCAL_RANK", "0")) if cfg.backend != "cpu" else None)
     replicas = Replicas(backend.name)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -278,7 +289,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     objective = Objective(model, sampler, cfg.precision, cfg.compile)
 
     run_dir = Path(cfg.out)
-    data_fp = fingerprint(table)
+    data_fp, data_info = fingerprint(table), data_summary(table)
 
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.max_epochs * len(loader)
     best, bad_evals, step, history = math.inf, 0, 0, []
@@ -312,11 +323,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     stop = step >= max_steps or (resume is not None and resume[0].finished)
     since = {"step": step, "time": time.perf_counter()}  # training throughput between evaluations
 
-    def save_state(finished: bool = False) -> None:
+    def save_state(finished: bool = False, directory: Path = run_dir) -> None:
         """``last.pt``: the current weights, optimiser, sampler position, RNGs and early-stopping state."""
         cuda_rng = torch.cuda.get_rng_state_all() if backend.name == "cuda" else []
         save_resume_state(
-            run_dir,
+            directory,
             ResumeState(
                 model.state_dict(),
                 optimizer.state_dict(),
@@ -334,6 +345,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
                 time.perf_counter() - started,
                 sampler.get_state() if sampler is not None else None,
                 replicas.world_size,
+                data_info,
             ),
         )
 
@@ -367,15 +379,6 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         improved = losses["validation"] < best
         if improved:
             best, bad_evals = losses["validation"], 0
-            if not history:  # the first checkpoint: the run directory appears only now, complete
-                # An earlier run's state in this directory must never be resumed on this run's data.
-                (run_dir / STATE_FILE).unlink(missing_ok=True)
-                save_data(run_dir, table, assignment)
-                run_log.start_fresh()
-            save_checkpoint(
-                run_dir,
-                Checkpoint(model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict()),
-            )
         else:
             bad_evals += 1
         record = {
@@ -389,10 +392,21 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
             "samples_per_s": samples_per_s,
             "elapsed_s": time.perf_counter() - started,
         }
+        first = not history  # (the first evaluation always improves: it is finite)
         history.append(record)
-        if best < math.inf:  # the run directory exists once the first checkpoint is written
-            run_log.write(record)
-            save_state()
+        # The first checkpoint's files are written beside the run directory and renamed into place together:
+        # a kill leaves no run directory (or the earlier run in it, whole) or a complete, resumable one.
+        with staged_run_directory(run_dir) if first else contextlib.nullcontext(run_dir) as directory:
+            if first:
+                save_data(directory, table, assignment)
+            if improved:
+                best_model = Checkpoint(
+                    model.state_dict(), cfg.to_dict(), step, epoch, best, data_fp, optimizer.state_dict(), data_info
+                )
+                save_checkpoint(directory, best_model)
+            run_log.write(record, directory)
+            save_state(directory=directory)
+        run_log.tensorboard(record)
         since.update(step=step, time=time.perf_counter())
         bar.write(
             f"step {step:6d}  epoch {epoch}  train loss {losses['train']:.4f}  "
@@ -477,7 +491,8 @@ def resume_run(run_dir: str | Path) -> TrainResult:
     Raises
     ------
     CheckpointError
-        Files missing, unreadable, or from other data.
+        Files missing, unreadable, of another format version, from other data or of another model shape;
+        the message says what differs.
     """
     run_dir = Path(run_dir)
     stale = remove_stale_temporaries(run_dir) if run_dir.is_dir() else []
@@ -486,7 +501,13 @@ def resume_run(run_dir: str | Path) -> TrainResult:
     state = load_resume_state(run_dir)
     table, assignment = load_data(run_dir)
     if state.data_fingerprint != fingerprint(table):
-        raise CheckpointError(f"{run_dir}: last.pt and data.npz come from different data")
+        difference = data_difference(state.data_summary, table, state.model_state, "last.pt", "data.npz")
+        raise CheckpointError(f"{run_dir}: last.pt and data.npz come from different data: {difference}")
+    # model.pt is loaded at the end of the run: refuse one of other data or another shape now, not then (and
+    # keep no reference to it: the run would hold a second copy of the weights and Adam's state).
+    best_weights = load_checkpoint(run_dir, table).model_state
+    check_model_shape(run_dir / MODEL_FILE, best_weights, state.config["hidden"], table.n_items, "last.pt")
+    del best_weights
     # TOML-free round trip: the saved dict holds lists where the config has tuples.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.config.items()}
     cfg = dataclasses.replace(TrainConfig(**values), out=str(run_dir))

@@ -103,3 +103,7 @@ def test_large_catalogue_quick_trains_sparse_sampled_and_records_the_planner(tmp
         assert p["dense+full"]["refused"] is None  # a few MiB: nothing is refused at this size
     assert record["dense_design_seconds_per_step"] > 0
     assert "samples/s over the whole run" in done.stdout
+    # The same command again: the new run replaces the earlier one, whose record the script removes first.
+    (out / "large_catalogue.json").write_text("{}")
+    run(["bench/large_catalogue.py", "--quick", "--backend", "cpu", "--out", str(out)], tmp_path)
+    assert json.loads((out / "large_catalogue.json").read_text())["train"]["steps"] == 4

@@ -212,3 +212,49 @@ def test_split_files_with_int_and_text_ids_compare_as_text():
     assert table.item_titles.tolist() == ["", "", "Title X"]
     assert assignment.tolist() == [TRAIN, TRAIN, VALIDATION]
     assert splits.validation.user.tolist() == [1] and splits.validation.item.tolist() == [2]
+
+
+def test_an_item_only_in_held_out_files_is_no_label_but_ranked_and_counted_like_any_other(tmp_path):
+    import torch
+
+    from gpu_ann.checkpoint import load_checkpoint, load_data
+    from gpu_ann.evaluate import evaluate_run
+    from gpu_ann.model import CandidateGenerator
+    from gpu_ann.scoring import score_run
+    from gpu_ann.training import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    rows = {name: [] for name in ("train", "validation", "test")}
+    for u in range(40):
+        items = rng.choice(20, 7, replace=False)
+        rows["train"] += [(u, i) for i in items[:6]]
+        rows["validation"].append((u, 99 if u < 10 else items[6]))  # item 99: ten users' only held-out item
+        rows["test"].append((u, 99 if u >= 30 else items[6]))
+    paths = []
+    for name, pairs in rows.items():
+        paths.append(tmp_path / f"{name}.csv")
+        paths[-1].write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in pairs))
+    cfg = TrainConfig(backend="cpu", out=str(tmp_path / "run"), train_file=str(paths[0]), validation_file=str(paths[1]),
+                      test_file=str(paths[2]), batch_size=16, hidden=(8, 8, 8), max_steps=20, eval_every=10,
+                      eval_batches=1, input_path="dense")  # fmt: skip
+    train(cfg)
+    table, assignment = load_data(tmp_path / "run")
+    z = table.item_ids.tolist().index(99)
+    assert table.n_items == 21 and not np.any(table.item[assignment == TRAIN] == z)  # never a training label
+    # Training: no input row holds it, so its embedding keeps its initial value; the full softmax only pushes its
+    # output down.
+    torch.manual_seed(cfg.seed)
+    initial = CandidateGenerator(table.n_items, cfg.hidden).state_dict()
+    trained = load_checkpoint(tmp_path / "run").model_state
+    assert torch.equal(trained["embed.item_table"][z], initial["embed.item_table"][z])
+    assert not torch.equal(trained["embed.item_table"][0], initial["embed.item_table"][0])
+    assert trained["out.bias"][z] < initial["out.bias"][z]
+    # Evaluation: its ten validation interactions count in the loss and as held-out items of recall. With K the
+    # whole catalogue every unmasked item is in the list, so recall@21 is 1 only if item 99 is ranked too.
+    r = evaluate_run(tmp_path / "run", "validation", backend="cpu", ks=(21,))
+    assert r["samples"] == 40 and np.isfinite(r["loss"])
+    assert r["ranking"]["model"]["users"] == 40 and r["ranking"]["model"]["recall@21"] == 1.0
+    # Scoring: it is in every scored user's top 21 (none has it as an input item).
+    summary = score_run(tmp_path / "run", tmp_path / "top.csv", k=21, split="test", backend="cpu")
+    lines = (tmp_path / "top.csv").read_text().splitlines()[1:]
+    assert summary.users == 40 and sum(line.split(",")[2] == "99" for line in lines) == 40

@@ -118,6 +118,80 @@ def test_killed_during_a_checkpoint_write_then_resumed(ratings, uninterrupted, t
     assert_same_run(uninterrupted, out)
 
 
+RUN_FILES = ["config.toml", "curves.png", "data.npz", "last.pt", "metrics.jsonl", "model.pt"]
+
+
+def staging(out: Path) -> list[Path]:
+    """The staging directories of a first checkpoint into ``out`` (see gpu_ann.run_directory)."""
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def earlier_run(ratings, out: Path) -> dict[str, bytes]:
+    """A finished run of another seed in ``out``; returns its files."""
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS, "--max-steps", "10", "--seed", "8")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return contents(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reused", [False, True], ids=["new-out", "over-an-earlier-run"])
+def test_killed_inside_the_first_checkpoint_leaves_no_run_or_the_earlier_one(ratings, tmp_path, reused):
+    out = tmp_path / "run"
+    before = earlier_run(ratings, out) if reused else None
+    # Each checkpoint file waits 0.3 s before its rename: kill once data.npz, the first of six, is staged.
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS, env={PAUSE_ENV: "0.3"})
+    wait_for(lambda: any((p / "data.npz").is_file() for p in staging(out)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [left] = staging(out)
+    assert not (left / "last.pt").exists()  # the first checkpoint really was cut short
+    if reused:
+        assert contents(out) == before  # the earlier run, untouched, and still resumable (it is finished)
+        again = gpu_ann("--resume", str(out))
+        assert again.wait(timeout=300) == 0, again.stderr.read()
+        assert load_resume_state(out).step == 10 and load_resume_state(out).config["seed"] == 8
+    else:
+        assert not out.exists()
+        again = gpu_ann("--resume", str(out))
+        assert again.wait(timeout=300) == 2 and "last.pt: not found" in again.stderr.read()
+    # The next run into the same --out completes and removes what the killed one left.
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert staging(out) == [] and sorted(p.name for p in out.iterdir()) == RUN_FILES
+    state = load_resume_state(out)
+    assert state.finished and state.step == 60 and state.config["seed"] == 7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reused", [False, True], ids=["new-out", "over-an-earlier-run"])
+def test_killed_right_after_the_first_checkpoint_then_resumed(ratings, uninterrupted, tmp_path, reused):
+    out = tmp_path / "run"
+    if reused:
+        earlier_run(ratings, out)
+
+    def first_checkpoint_in_place():
+        try:
+            return load_resume_state(out).config["seed"] == 7
+        except Exception:
+            return False
+
+    # The first checkpoint is renamed into place at step 5; the next one waits for step 10 and its pauses.
+    proc = gpu_ann("--data", str(ratings), "--out", str(out), *ARGS, env={PAUSE_ENV: "0.3"})
+    wait_for(first_checkpoint_in_place, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Complete at step 5 (the step-10 checkpoint may have begun a temporary file: the resume removes it).
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp")) == RUN_FILES
+    assert load_resume_state(out).step == 5
+    resumed = gpu_ann("--resume", str(out))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert_same_run(uninterrupted, out)  # 12 metrics lines: nothing of the earlier run is left
+
+
 def test_resuming_a_finished_run_takes_no_step(uninterrupted):
     before = load_resume_state(uninterrupted)
     proc = gpu_ann("--resume", str(uninterrupted))

@@ -90,24 +90,63 @@ def test_sampled_softmax_trains_and_beats_popularity(tmp_path, sampling):
     assert result.final_validation_loss < result.popularity_validation_loss - 0.6
 
 
+def assert_identical(a, b, where: str) -> None:
+    """``a == b`` all the way down: tensors bit for bit and of the same dtype, dicts key for key."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def without_clock_and_place(payload: dict) -> dict:
+    """A checkpoint payload less what differs between any two runs: wall-clock times and the run directory."""
+    payload = {**payload, "config": {k: v for k, v in payload["config"].items() if k != "out"}}
+    payload.pop("elapsed_s", None)
+    if "history" in payload:
+        clock = ("samples_per_s", "elapsed_s")
+        payload["history"] = [{k: v for k, v in r.items() if k not in clock} for r in payload["history"]]
+    return payload
+
+
 def test_resume_of_a_sampled_run_is_bit_identical(tmp_path):
+    from gpu_ann.checkpoint import MODEL_FILE, STATE_FILE
+
     t = table()
-    kw = dict(softmax="sampled", negatives=5, input_path="sparse", max_steps=12, eval_every=4)
-    whole = train(config(tmp_path, "whole", **kw), t)
+    # At lr 0.3 validation improves at steps 2, 4 and 6 only: the run is resumed at step 8 with one evaluation
+    # without improvement behind it and ends with three, so early stopping's count crosses the resume too.
+    kw = dict(softmax="sampled", negatives=5, input_path="sparse", max_steps=12, eval_every=2, lr=0.3)
+    train(config(tmp_path, "whole", **kw), t)
     part = config(tmp_path, "part", **{**kw, "max_steps": 8})
     train(part, t)
     # Continue the 8-step run to 12 steps: the sampler's generator state must come back from last.pt.
-    from gpu_ann.checkpoint import STATE_FILE
-
     state = torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)
-    assert state["sampler_rng"] is not None
     state["config"]["max_steps"], state["finished"] = 12, False
     torch.save(state, tmp_path / "part" / STATE_FILE)
     resumed = resume_run(tmp_path / "part")
     assert resumed.steps == 12
-    a, b = weights(whole.run_dir), weights(resumed.run_dir)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    whole_state, resumed_state = (torch.load(tmp_path / d / STATE_FILE, weights_only=True) for d in ("whole", "part"))
+    # Everything a further resume would continue from: weights, Adam's moments and step counts, the sampler's
+    # and torch's generators, the step / epoch / batch counters, early stopping and the evaluation history.
+    assert set(whole_state) >= {"model_state", "optimizer_state", "sampler_rng", "torch_rng", "step", "epoch",
+                                "batch_in_epoch", "best_validation_loss", "bad_evals", "history"}  # fmt: skip
+    assert whole_state["sampler_rng"] is not None and whole_state["optimizer_state"]["state"]
+    assert whole_state["step"] == 12 and len(whole_state["history"]) == 6
+    assert state["bad_evals"] == 1 and whole_state["bad_evals"] == 3
+    # The sampler's generator moved on after step 8: comparing it is not comparing two copies of one value.
+    assert not torch.equal(state["sampler_rng"], resumed_state["sampler_rng"])
+    assert_identical(without_clock_and_place(whole_state), without_clock_and_place(resumed_state), "last.pt")
+    whole_best, resumed_best = (torch.load(tmp_path / d / MODEL_FILE, weights_only=True) for d in ("whole", "part"))
+    for key in ("model_state", "optimizer_state", "step", "epoch", "best_validation_loss", "data_fingerprint"):
+        assert_identical(whole_best[key], resumed_best[key], f"model.pt[{key!r}]")
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])

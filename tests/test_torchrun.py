@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_ann.checkpoint import load_checkpoint
+from gpu_ann.checkpoint import load_checkpoint, load_resume_state
 
 TIMEOUT = 240  # a hang (a rank waiting for a collective the other never joins) fails instead of blocking CI
 
@@ -27,14 +27,14 @@ def ratings_csv(path, n_users=50, n_items=30, per_user=6, seed=0):
     return path
 
 
-def gpu_ann_train(out, data, *flags, nproc=None):
+def gpu_ann_train(out, data, *flags, nproc=None, succeed=True):
     """Run ``gpu-ann train`` (under ``torch.distributed.run`` when ``nproc`` is given); return the process."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command = [*(launcher if nproc else [sys.executable]), "-m", "gpu_ann", "train", "--backend", "cpu"]
     command += ["--data", str(data), "--out", str(out), "--hidden", "8,8,8", "--eval-batches", "2", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == succeed, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -66,6 +66,23 @@ def test_uneven_shares_and_sparse_sampled_path_finish_with_identical_replicas(tm
     assert "done in" in done.stdout  # both ranks returned; rank 0 printed the summary
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 6  # steps 10..50 and the last step, 54, each logged once (rank 0 only)
+
+
+def test_rank_0_alone_replaces_an_earlier_run_whole_and_every_rank_refuses_foreign_files(tmp_path, data):
+    out = tmp_path / "run"
+    gpu_ann_train(out, data, "--max-steps", "4", "--eval-every", "2", "--seed", "1")  # an earlier run, one process
+    gpu_ann_train(out, data, "--max-steps", "6", "--eval-every", "3", "--batch-size", "8", nproc=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging or set-aside directory left beside it
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.toml", "curves.png", "data.npz", "last.pt", "metrics.jsonl", "model.pt"]
+    state = load_resume_state(out)
+    assert state.world_size == 2 and state.step == 6 and state.config["seed"] == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # the two ranks' run only, logged once
+    (out / "notes.txt").write_text("not the run's")
+    done = gpu_ann_train(out, data, "--max-steps", "6", "--batch-size", "8", nproc=2, succeed=False)
+    # Both ranks refuse before joining any collective, so neither waits for the other.
+    assert done.stderr.count(f"gpu-ann train: error: {out}: holds notes.txt, which a training run does not") == 2
+    assert load_resume_state(out).step == 6
 
 
 def _replica_worker(rank: int, store_path: str, results) -> None:
