@@ -99,11 +99,12 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"the sampled softmax needs --negatives >= 1, got {cfg.negatives}")
 
 
-def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, world_size: int, shard) -> str:
-    """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
+def _memory_plan(
+    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard
+) -> planner.MemoryPlan:
+    """The planner's estimate for this rank, with the input path chosen (``cfg.input_path`` or the cheaper one).
 
-    Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
-    free memory, a sync, when no budget is given). Under ``--shard-users`` the sizes are this rank's.
+    Host arithmetic on sizes only. Under ``--shard-users`` the sizes are this rank's.
     """
     inputs = np.isin(assignment, (TRAIN, FOLD_IN))  # the input matrix: training and fold-in rows
     if shard is not None:
@@ -111,11 +112,14 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
     lengths = np.bincount(table.user[inputs], minlength=table.n_users)
     if shard is not None:
         lengths = lengths[shard.users]
-    if shard is None:  # the loader holds all samples; its order only this rank's share
-        n_samples, n_eval = -(-len(splits.train) // world_size), len(splits.train) + len(splits.validation)
-    else:
-        n_samples = shard.epoch_samples
-        n_eval = len(shard.local(splits.train)) + len(shard.local(splits.validation))
+    mine = (lambda samples: samples) if shard is None else shard.local
+    # The loader holds every training sample it may draw (all of them unless users are sharded) and this
+    # rank's epoch order. The evaluation sets copy their whole split to the device: the training and
+    # validation sets, then the whole validation split for the best model, while the first two still exist.
+    # Unsharded, only rank 0 evaluates.
+    n_samples = len(mine(splits.train))
+    evaluates = replicas.is_main or shard is not None
+    n_eval = len(mine(splits.train)) + 2 * len(mine(splits.validation)) if evaluates else 0
     stats = row_statistics(lengths)
     input_bytes = 2 if cfg.precision == "bf16" else 4
     path = cfg.input_path
@@ -123,7 +127,7 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
         moved = {p: step_bytes(table.n_items, stats, cfg.batch_size, p, embedding_dim=cfg.hidden[0],
                                input_bytes=input_bytes).moved for p in PATHS}  # fmt: skip
         path = "sparse" if moved["sparse"] < moved["dense"] else "dense"
-    plan = planner.estimate(
+    return planner.estimate(
         len(lengths),
         table.n_items,
         int(inputs.sum()),
@@ -133,13 +137,27 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
         path=path,
         softmax=cfg.softmax,
         negatives=cfg.negatives if cfg.softmax == "sampled" else None,
-        out_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+        # The loader's batch dtype: bf16 rows only on the dense path (bags are float32 either way).
+        out_dtype=torch.bfloat16 if cfg.precision == "bf16" and path == "dense" else torch.float32,
         max_row_length=max(stats[1], 1),
         device=backend.name,
         values=cfg.input_values != "implicit",
         n_eval_samples=n_eval,
         eval_batch_size=cfg.eval_batch_size,
+        precision=cfg.precision,
+        world_size=replicas.world_size,
+        epoch_samples=None if shard is None else shard.epoch_samples,
     )
+
+
+def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard) -> str:
+    """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
+
+    Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
+    free memory, a sync, when no budget is given).
+    """
+    plan = _memory_plan(cfg, table, splits, assignment, backend, replicas, shard)
+    path = plan.settings["path"]
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:
@@ -241,7 +259,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     )
     shard = _shard(cfg, splits, table.n_users, replicas)
     mine = (lambda samples: samples) if shard is None else shard.local  # this rank's samples, as matrix rows
-    path = _plan(cfg, table, splits, assignment, backend, replicas.world_size, shard)
+    path = _plan(cfg, table, splits, assignment, backend, replicas, shard)
 
     with stage(f"building the matrix on {backend.name}"):
         # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
