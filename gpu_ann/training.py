@@ -437,7 +437,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
                 if replicas.is_main:
                     bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
                     stop = evaluate(epoch, losses)
-                stop = replicas.agree(stop, backend.torch_device)  # rank 0 decides for all
+                stop = replicas.agree(stop)  # rank 0 decides for all
             if stop or step >= max_steps:
                 stop = True
                 break
