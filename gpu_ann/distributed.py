@@ -6,16 +6,29 @@ rank builds the same model from the same seed and averages its gradients with th
 backward pass (one all-reduce of all gradients flattened into one buffer), so the replicas stay
 bit-identical without ever broadcasting weights. Only rank 0 evaluates, logs and writes checkpoints; the
 others learn whether to stop from it.
+
+An error on one rank must not leave the others waiting in a collective it will never join. Under
+``torchrun`` the trainer runs each rank's own work through :meth:`Replicas.attempt`, which keeps an error
+instead of raising it: the failed rank skips its work from then on but still joins every collective, and
+the next *check* (:meth:`~Replicas.settle`, :meth:`~Replicas.all_sum`, :meth:`~Replicas.agree`,
+:meth:`~Replicas.check_identical`) carries each rank's failure flag, so every rank raises there: the failed
+one its own error, the others :class:`RankFailed`. The checks already read their result on the host, so
+the flags cost no extra synchronisation; between checks a failed rank adds zeros to the gradient all-reduce,
+and nothing is written from those steps (rank 0 writes only after an evaluation's check).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("gpu_ann.distributed")
 
 
 def tensor_digest(tensor: torch.Tensor) -> int:
@@ -41,6 +54,10 @@ class ReplicasDiverged(RuntimeError):
     """The ranks' weights differ after a step (they must stay identical)."""
 
 
+class RankFailed(RuntimeError):
+    """Another rank raised an error; this one stops at the same check (that rank's output has the error)."""
+
+
 class Replicas:
     """This process's place in a data-parallel run, read from the ``torchrun`` environment.
 
@@ -57,6 +74,8 @@ class Replicas:
         0, 0, 1 outside ``torchrun``.
     device : torch.device
         Where the collectives' own tensors live (this rank's GPU under NCCL, the CPU under gloo).
+    failure : Exception or None
+        The error :meth:`attempt` kept on this rank, raised again at the next check.
     """
 
     def __init__(self, backend_name: str, environ=None) -> None:
@@ -68,6 +87,7 @@ class Replicas:
         self.device = torch.device("cuda", self.local_rank) if backend_name == "cuda" else torch.device("cpu")
         self._owns_group = False
         self._gradient_buffer: torch.Tensor | None = None
+        self.failure: Exception | None = None
         if self.world_size > 1 and not dist.is_initialized():
             # Rendezvous (MASTER_ADDR / MASTER_PORT or torchrun's --rdzv-* flags) comes from the environment.
             dist.init_process_group("nccl" if backend_name == "cuda" else "gloo")
@@ -82,6 +102,80 @@ class Replicas:
     def is_main(self) -> bool:
         """Rank 0: the one that evaluates, logs and writes."""
         return self.rank == 0
+
+    @contextlib.contextmanager
+    def keeping_errors(self) -> Iterator[None]:
+        """Under ``torchrun``, keep an exception raised in the block as :attr:`failure` instead of raising it.
+
+        The rank then goes on to the next check, where every rank raises. In one process the exception
+        propagates as usual. The block runs even after a failure: use :meth:`attempt` to skip work.
+        """
+        if not self.distributed:
+            yield
+            return
+        try:
+            yield
+        except Exception as exc:
+            if self.failure is None:  # the first error is the one to report
+                self.failure = exc
+                log.error("rank %d: %s: %s (every rank stops at the next check)", self.rank, type(exc).__name__, exc)
+
+    def attempt(self, fn: Callable, *args):
+        """``fn(*args)``; under ``torchrun`` an error is kept for the next check, and after one ``fn`` is skipped.
+
+        Parameters
+        ----------
+        fn : callable
+            This rank's own work (no collectives inside, or only ones every rank reaches in any case).
+        *args
+            Its arguments.
+
+        Returns
+        -------
+        What ``fn`` returns, or None when it failed or was skipped (a failed rank joins the collectives
+        without working until the next check raises).
+        """
+        if self.failure is not None:
+            return None
+        with self.keeping_errors():
+            return fn(*args)
+        return None  # the error was kept
+
+    def settle(self, what: str = "") -> None:
+        """Raise on every rank when any rank has failed (one all-reduce of the flags, a host-device sync).
+
+        Parameters
+        ----------
+        what : str
+            Where, for the others' :class:`RankFailed` message (e.g. ``" in its memory plan"``).
+
+        Raises
+        ------
+        Exception
+            On the failed rank, its own error; on the others :class:`RankFailed`.
+        """
+        if self.distributed:
+            self._sum_with_flags(torch.zeros(0, dtype=torch.float64, device=self.device), what)
+
+    def _sum_with_flags(self, values: torch.Tensor, what: str = "") -> torch.Tensor:
+        """``values`` (1-D) summed over the ranks, with one failure flag per rank beside them; raises if set."""
+        flags = torch.zeros(self.world_size, dtype=values.dtype, device=values.device)
+        flags[self.rank] = self.failure is not None
+        joined = torch.cat([values, flags])
+        dist.all_reduce(joined)
+        self._raise_if_failed(joined[len(values) :].tolist(), what)  # host-device sync
+        return joined[: len(values)]
+
+    def _raise_if_failed(self, flags: list, what: str = "") -> None:
+        failed = [r for r, flag in enumerate(flags) if flag]
+        if not failed:
+            return
+        if self.failure is not None:
+            raise self.failure
+        ranks = ", ".join(map(str, failed))
+        raise RankFailed(
+            f"rank {ranks} stopped with an error{what}; rank {self.rank} stops too (rank {ranks}'s output has it)"
+        )
 
     @property
     def gradient_buffer(self) -> torch.Tensor | None:
@@ -107,32 +201,49 @@ class Replicas:
         """
         if not self.distributed:
             return
-        grads = [p.grad for p in parameters]
+        params = list(parameters)
+        sizes = [p.numel() for p in params]
         flat = self._gradient_buffer
         if flat is None:
-            flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=grads[0].device)
+            flat = torch.empty(sum(sizes), dtype=params[0].dtype, device=params[0].device)
             self._gradient_buffer = flat
-        sizes = [g.numel() for g in grads]
         if sum(sizes) != flat.numel():
-            raise ValueError(f"the gradients hold {sum(sizes)} elements, the all-reduce buffer {flat.numel()}")
+            raise ValueError(f"the parameters hold {sum(sizes)} elements, the all-reduce buffer {flat.numel()}")
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        if missing and self.failure is None:
+            self.failure = ValueError(f"parameter {missing[0]} of {len(params)} has no gradient after backward()")
         parts = flat.split(sizes)
-        for part, g in zip(parts, grads):
-            part.copy_(g.reshape(-1))
+        if self.failure is not None:
+            flat.zero_()  # a failed rank adds nothing, but joins the all-reduce the others wait in
+        else:
+            for part, p in zip(parts, params):
+                part.copy_(p.grad.reshape(-1))
         dist.all_reduce(flat)  # sums over the ranks; every rank gets the same bits back
         flat /= self.world_size  # in place
-        for part, g in zip(parts, grads):
-            g.copy_(part.view_as(g))
+        if self.failure is None:
+            for part, p in zip(parts, params):
+                p.grad.copy_(part.view_as(p.grad))
 
-    def all_sum(self, tensor: torch.Tensor) -> None:
+    def all_sum(self, tensor: torch.Tensor, what: str = "") -> None:
         """Replace ``tensor`` by its sum over the ranks, in place (waits for the other ranks).
+
+        A check: the failure flags travel with it, and it raises on every rank when any rank has failed
+        (a host-device sync).
 
         Parameters
         ----------
         tensor : torch.Tensor
-            On the process group's device.
+            1-D, on :attr:`device`.
+        what : str
+            Where, for the others' :class:`RankFailed` message (e.g. ``" by step 10"``).
+
+        Raises
+        ------
+        RankFailed
+            Another rank has failed (a failed rank raises its own error).
         """
         if self.distributed:
-            dist.all_reduce(tensor)
+            tensor.copy_(self._sum_with_flags(tensor, what))
 
     def broadcast(self, tensors: Iterable[torch.Tensor]) -> None:
         """Overwrite every rank's ``tensors`` with rank 0's, in place (waits for rank 0).
@@ -158,17 +269,27 @@ class Replicas:
         parameters : iterable of torch.nn.Parameter
             The model's parameters.
         step : int
-            For the message.
+            For the messages.
+
+        Raises
+        ------
+        ReplicasDiverged
+            The weights differ.
+        RankFailed
+            Another rank has failed (a check; a failed rank raises its own error).
         """
         if not self.distributed:
             return
         params = list(parameters)
-        mine = [tensor_digest(p) for p in params]
-        digests = torch.tensor(mine, dtype=torch.int64, device=self.device)
-        gathered = [torch.empty_like(digests) for _ in range(self.world_size)]
-        dist.all_gather(gathered, digests)
-        for r, other in enumerate(gathered):
-            differ = [i for i, (a, b) in enumerate(zip(mine, other.tolist())) if a != b]  # host-device sync
+        # A failed rank sends zeros of the same length (all_gather needs it) and its flag, last.
+        mine = self.attempt(lambda: [tensor_digest(p) for p in params]) or [0] * len(params)
+        sent = torch.tensor([*mine, int(self.failure is not None)], dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(sent) for _ in range(self.world_size)]
+        dist.all_gather(gathered, sent)
+        received = [g.tolist() for g in gathered]  # host-device sync
+        self._raise_if_failed([r[-1] for r in received], f" by step {step}")
+        for r, other in enumerate(received):
+            differ = [i for i, (a, b) in enumerate(zip(mine, other[:-1])) if a != b]
             if differ:
                 i = differ[0]
                 also = f", and {len(differ) - 1} more" if len(differ) > 1 else ""
@@ -177,23 +298,31 @@ class Replicas:
                     f"of {len(params)}, shape {tuple(params[i].shape)}{also})"
                 )
 
-    def agree(self, flag: bool) -> bool:
+    def agree(self, flag: bool, what: str = "") -> bool:
         """Rank 0's ``flag`` on every rank (e.g. "stop training"); waits for rank 0.
+
+        A check: one all-reduce of rank 0's flag and every rank's failure flag.
 
         Parameters
         ----------
         flag : bool
-            The decision; only rank 0's counts.
+            The decision; only rank 0's counts (None counts as False).
+        what : str
+            Where, for the others' :class:`RankFailed` message.
 
         Returns
         -------
         bool
+
+        Raises
+        ------
+        RankFailed
+            Another rank has failed (a failed rank raises its own error).
         """
         if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.broadcast(t, src=0)
-        return bool(t.item())  # host-device sync
+            return bool(flag)
+        decision = torch.tensor([float(bool(flag) and self.is_main)], dtype=torch.float64, device=self.device)
+        return bool(self._sum_with_flags(decision, what)[0].item())  # host-device sync (already one above)
 
     def close(self) -> None:
         """Leave the process group this object joined (a no-op otherwise)."""

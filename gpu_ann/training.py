@@ -259,7 +259,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     )
     shard = _shard(cfg, splits, table.n_users, replicas)
     mine = (lambda samples: samples) if shard is None else shard.local  # this rank's samples, as matrix rows
-    path = _plan(cfg, table, splits, assignment, backend, replicas, shard)
+    # Every rank checks its own plan (sizes and free memory differ between ranks), and they agree on the
+    # outcome before any other collective: a rank that does not fit stops the others too, rather than
+    # leaving them waiting for it in the first gradient all-reduce.
+    path = replicas.attempt(_plan, cfg, table, splits, assignment, backend, replicas, shard)
+    replicas.settle(" in its memory plan")
 
     with stage(f"building the matrix on {backend.name}"):
         # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
@@ -358,24 +362,29 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     def mean_losses(sets: dict, names=("train", "validation")) -> dict[str, float]:
         """Full-softmax cross-entropy per sample of each named set of fixed batches, over all ranks' sets.
 
-        Every rank calls it (a rank without a set adds nothing): one all-reduce under ``torchrun`` and one
-        host-device sync.
+        Every rank calls it (a rank without a set adds nothing): one all-reduce under ``torchrun``, which is
+        a check (it raises on every rank when one has failed), and one host-device sync.
         """
-        model.eval()
         sums = torch.zeros(2 * len(names), dtype=torch.float64, device=backend.torch_device)
-        with torch.no_grad():
-            for k, name in enumerate(names):
-                for b in sets.get(name, ()):
-                    sums[2 * k] += objective.summed_cross_entropy(b)
-                sums[2 * k + 1] = sets[name].n_samples if name in sets else 0
-        model.train()
-        replicas.all_sum(sums)
+
+        def add_up() -> None:
+            model.eval()
+            with torch.no_grad():
+                for k, name in enumerate(names):
+                    for b in sets.get(name, ()):
+                        sums[2 * k] += objective.summed_cross_entropy(b)
+                    sums[2 * k + 1] = sets[name].n_samples if name in sets else 0
+            model.train()
+
+        replicas.attempt(add_up)
+        replicas.all_sum(sums, f" by step {step}")
         totals = sums.tolist()  # host-device sync
         return {name: totals[2 * k] / totals[2 * k + 1] for k, name in enumerate(names)}
 
-    def evaluate(epoch: int, losses: dict[str, float]) -> bool:
+    def evaluate(epoch: int, losses: dict[str, float], loss: torch.Tensor) -> bool:
         """Rank 0: log losses, checkpoint an improvement; True when patience has run out."""
         nonlocal best, bad_evals
+        bar.set_postfix(loss=f"{loss.item():.3f}")  # the last step's loss; host-device sync, at log time only
         samples_per_s = (step - since["step"]) * cfg.batch_size / (time.perf_counter() - since["time"])
         samples_per_s *= replicas.world_size
         if not math.isfinite(losses["validation"]):
@@ -419,25 +428,42 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         )
         return bad_evals >= cfg.patience
 
+    def train_step(batches) -> torch.Tensor:
+        """Forward and backward of the epoch's next batch (the ranks then average the gradients)."""
+        loss = objective.loss(next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def finish() -> None:
+        """Rank 0: the final ``last.pt``, the logs closed, and the best weights loaded back."""
+        if history:
+            save_state(finished=True)
+        run_log.close()
+        model.load_state_dict(load_checkpoint(run_dir).model_state)
+
+    # A rank's own work goes through replicas.attempt: under torchrun an error is kept, the rank goes on
+    # joining the collectives without working, and the next check (the replica check, an evaluation's
+    # all-reduce, the stop agreement) raises on every rank (see gpu_ann.distributed); in one process
+    # attempt() just calls. The loop counts steps rather than the loader's batches, so a rank whose loader
+    # failed still takes every step with the others.
     while not stop:
         loader.set_epoch(epoch, start_batch=batch_in_epoch)
-        for batch in loader:
-            loss = objective.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        batches = iter(loader)
+        for _ in range(batch_in_epoch, len(loader)):  # the same count on every rank
+            loss = replicas.attempt(train_step, batches)
             replicas.average_gradients(model.parameters())  # waits for the other ranks (torchrun only)
-            optimizer.step()
+            replicas.attempt(optimizer.step)
             step += 1
             batch_in_epoch += 1
             bar.update()
             if cfg.replica_check_every and step % cfg.replica_check_every == 0:
                 replicas.check_identical(model.parameters(), step)
             if step % cfg.eval_every == 0 or step == max_steps:
-                losses = mean_losses(eval_sets)  # every rank joins (see mean_losses)
+                losses = mean_losses(eval_sets)  # every rank joins; raises everywhere if a rank has failed
                 if replicas.is_main:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
-                    stop = evaluate(epoch, losses)
-                stop = replicas.agree(stop)  # rank 0 decides for all
+                    stop = replicas.attempt(evaluate, epoch, losses, loss)
+                stop = replicas.agree(stop, f" by step {step}")  # rank 0 decides for all, or everyone raises
             if stop or step >= max_steps:
                 stop = True
                 break
@@ -446,17 +472,15 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     bar.close()
     seconds = time.perf_counter() - started
     if replicas.is_main:
-        if history:
-            save_state(finished=True)
-        run_log.close()
-        model.load_state_dict(load_checkpoint(run_dir).model_state)
+        replicas.attempt(finish)
     if shard is not None:
         replicas.broadcast(model.state_dict().values())  # rank 0's best weights, for every rank's own users
 
     # The best model on the whole validation split, against popularity on the same samples.
-    whole = {}
-    if evaluates:
-        whole["validation"] = Fixed(matrix, mine(splits.validation), eval_batch, None, cfg.seed, buffers)
+    def whole_split() -> dict:
+        return {"validation": Fixed(matrix, mine(splits.validation), eval_batch, None, cfg.seed, buffers)}
+
+    whole = (replicas.attempt(whole_split) or {}) if evaluates else {}
     with stage("evaluating the best model on the whole validation split"):
         final = mean_losses(whole, ("validation",))["validation"]
     if not replicas.is_main:
