@@ -114,12 +114,16 @@ def _memory_plan(
         lengths = lengths[shard.users]
     mine = (lambda samples: samples) if shard is None else shard.local
     # The loader holds every training sample it may draw (all of them unless users are sharded) and this
-    # rank's epoch order. The evaluation sets copy their whole split to the device: the training and
-    # validation sets, then the whole validation split for the best model, while the first two still exist.
-    # Unsharded, only rank 0 evaluates.
+    # rank's epoch order. The evaluation sets: the training and validation ones, then the whole validation
+    # split for the best model while the first two still exist. Unsharded, only rank 0 evaluates, and each
+    # set copies its whole split; sharded, a rank copies only its part of the subset scored.
     n_samples = len(mine(splits.train))
-    evaluates = replicas.is_main or shard is not None
-    n_eval = len(mine(splits.train)) + 2 * len(mine(splits.validation)) if evaluates else 0
+    if shard is None:
+        n_eval = len(splits.train) + 2 * len(splits.validation) if replicas.is_main else 0
+    else:
+        B = cfg.eval_batch_size or cfg.batch_size
+        n_eval = sum(len(shard.evaluation_subset(splits[name], B, cfg.eval_batches, cfg.seed))
+                     for name in ("train", "validation")) + len(mine(splits.validation))  # fmt: skip
     stats = row_statistics(lengths)
     input_bytes = 2 if cfg.precision == "bf16" else 4
     path = cfg.input_path
@@ -282,15 +286,21 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         epoch_samples=None if shard is None else shard.epoch_samples,
     )
     # Evaluation runs between steps, so it shares the training loader's buffers. Rank 0 evaluates, or, with
-    # sharded users, every rank its own users; the sums meet in one all-reduce.
+    # sharded users, every rank its own users' part of the same fixed subsets; the sums meet in one
+    # all-reduce, so the logged losses are those of the samples one process would score.
     buffers = loader.buffers
     Fixed = FixedBags if path == "sparse" else FixedBatches
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     evaluates = replicas.is_main or shard is not None
-    eval_sets = {
-        name: Fixed(matrix, mine(splits[name]), eval_batch, cfg.eval_batches, cfg.seed, buffers)
-        for name in (("train", "validation") if evaluates else ())
-    }
+
+    def fixed(samples, n_batches: int | None):
+        """The fixed evaluation batches of a split; sharded, this rank's part of those one process scores."""
+        if shard is None:
+            return Fixed(matrix, samples, eval_batch, n_batches, cfg.seed, buffers)
+        owned = shard.evaluation_subset(samples, eval_batch, n_batches, cfg.seed)
+        return Fixed(matrix, owned, eval_batch, None, cfg.seed, buffers)
+
+    eval_sets = {name: fixed(splits[name], cfg.eval_batches) for name in (("train", "validation") if evaluates else ())}
     popularity = popularity_loss(splits.train.item, splits.validation.item, n_items)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -478,7 +488,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
 
     # The best model on the whole validation split, against popularity on the same samples.
     def whole_split() -> dict:
-        return {"validation": Fixed(matrix, mine(splits.validation), eval_batch, None, cfg.seed, buffers)}
+        return {"validation": fixed(splits.validation, None)}
 
     whole = (replicas.attempt(whole_split) or {}) if evaluates else {}
     with stage("evaluating the best model on the whole validation split"):

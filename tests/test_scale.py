@@ -152,6 +152,7 @@ def test_planner_refuses_before_anything_is_written(tmp_path):
 def test_the_trainer_plans_for_its_precision_and_its_rank(tmp_path, rank, sharded):
     from types import SimpleNamespace
 
+    from gpu_ann.batching import fixed_subset
     from gpu_ann.model import CandidateGenerator
     from gpu_ann.sharding import shard_users
     from gpu_ann.training import _memory_plan, _read_and_split
@@ -170,7 +171,10 @@ def test_the_trainer_plans_for_its_precision_and_its_rank(tmp_path, rank, sharde
     if sharded:
         held = int(shard.owns(splits.train.user).sum())  # the rank's own users' samples
         order = shard.epoch_samples  # padded to the largest rank's epoch
-        evaluated = held + 2 * int(shard.owns(splits.validation.user).sum())
+        # Its part of the fixed subsets one process scores (2 batches of 16), and its whole validation split.
+        scored = [fixed_subset(len(splits[n]), 16, 2, 0) for n in ("train", "validation")]
+        evaluated = sum(int(shard.owns(splits[n].user[i]).sum()) for n, i in zip(("train", "validation"), scored))
+        evaluated += int(shard.owns(splits.validation.user).sum())
         assert settings["n_users"] == len(shard.users) < t.n_users
     else:
         held, order = len(splits.train), -(-len(splits.train) // 2)  # all samples, this rank's half of the order
