@@ -116,9 +116,12 @@ class Replicas:
         try:
             yield
         except Exception as exc:
-            if self.failure is None:  # the first error is the one to report
-                self.failure = exc
-                log.error("rank %d: %s: %s (every rank stops at the next check)", self.rank, type(exc).__name__, exc)
+            self._keep(exc)
+
+    def _keep(self, exc: Exception) -> None:
+        if self.failure is None:  # the first error is the one to report
+            self.failure = exc
+            log.error("rank %d: %s: %s (every rank stops at the next check)", self.rank, type(exc).__name__, exc)
 
     def attempt(self, fn: Callable, *args):
         """``fn(*args)``; under ``torchrun`` an error is kept for the next check, and after one ``fn`` is skipped.
@@ -132,8 +135,9 @@ class Replicas:
 
         Returns
         -------
-        What ``fn`` returns, or None when it failed or was skipped (a failed rank joins the collectives
-        without working until the next check raises).
+        object
+            What ``fn`` returns, or None when it failed or was skipped (a failed rank joins the collectives
+            without working until the next check raises).
         """
         if self.failure is not None:
             return None
@@ -210,8 +214,8 @@ class Replicas:
         if sum(sizes) != flat.numel():
             raise ValueError(f"the parameters hold {sum(sizes)} elements, the all-reduce buffer {flat.numel()}")
         missing = [i for i, p in enumerate(params) if p.grad is None]
-        if missing and self.failure is None:
-            self.failure = ValueError(f"parameter {missing[0]} of {len(params)} has no gradient after backward()")
+        if missing:
+            self._keep(ValueError(f"parameter {missing[0]} of {len(params)} has no gradient after backward()"))
         parts = flat.split(sizes)
         if self.failure is not None:
             flat.zero_()  # a failed rank adds nothing, but joins the all-reduce the others wait in

@@ -227,6 +227,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         ``cfg.backend == "cuda"`` where CUDA cannot run.
     MemoryBudgetExceeded
         The planner's estimate for these settings exceeds the memory budget (nothing was allocated).
+    RankFailed
+        Under ``torchrun``: another rank raised an error; this one stopped at the same check.
     ValueError
         Invalid settings, e.g. split fractions that do not sum to 1 or an unknown backend.
     """
