@@ -19,6 +19,7 @@ and nothing is written from those steps (rank 0 writes only after an evaluation'
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -29,6 +30,20 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("gpu_ann.distributed")
+
+# The tensors of the last few collectives, referenced from here until the interpreter tears the module down.
+# gloo's worker thread drops its own reference to a finished collective's tensors a moment after the caller
+# has moved on; when that is the last reference, torch takes the GIL to free the tensor's Python object, and
+# if the interpreter is already shutting down the thread is ended mid-destructor and the process aborts
+# ("terminate called without an active exception", seen about once in 30 two-rank runs, at exit after the
+# last evaluation: the core showed ProcessGroupGloo::runLoop freeing an all-reduce's work during
+# Py_FinalizeEx's garbage collection). Held here, the worker's release never frees them.
+_RECENT_COLLECTIVE_TENSORS: collections.deque = collections.deque(maxlen=16)
+
+
+def _hold(*tensors: torch.Tensor) -> None:
+    """Keep ``tensors``, just handed to a collective, referenced past the gloo worker's release (see above)."""
+    _RECENT_COLLECTIVE_TENSORS.extend(tensors)
 
 
 def tensor_digest(tensor: torch.Tensor) -> int:
@@ -166,6 +181,7 @@ class Replicas:
         flags = torch.zeros(self.world_size, dtype=values.dtype, device=values.device)
         flags[self.rank] = self.failure is not None
         joined = torch.cat([values, flags])
+        _hold(joined)
         dist.all_reduce(joined)
         self._raise_if_failed(joined[len(values) :].tolist(), what)  # host-device sync
         return joined[: len(values)]
@@ -222,6 +238,7 @@ class Replicas:
         else:
             for part, p in zip(parts, params):
                 part.copy_(p.grad.reshape(-1))
+        _hold(flat)
         dist.all_reduce(flat)  # sums over the ranks; every rank gets the same bits back
         flat /= self.world_size  # in place
         if self.failure is None:
@@ -259,6 +276,7 @@ class Replicas:
         """
         if self.distributed:
             for t in tensors:
+                _hold(t)
                 dist.broadcast(t, src=0)
 
     def check_identical(self, parameters: Iterable[torch.nn.Parameter], step: int) -> None:
@@ -289,6 +307,7 @@ class Replicas:
         mine = self.attempt(lambda: [tensor_digest(p) for p in params]) or [0] * len(params)
         sent = torch.tensor([*mine, int(self.failure is not None)], dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(sent) for _ in range(self.world_size)]
+        _hold(sent, *gathered)
         dist.all_gather(gathered, sent)
         received = [g.tolist() for g in gathered]  # host-device sync
         self._raise_if_failed([r[-1] for r in received], f" by step {step}")
