@@ -35,6 +35,33 @@ def check_samples(matrix: InteractionMatrix, samples: Samples, allow_no_target: 
         raise IndexError("samples hold negative user or item indices")
 
 
+def fixed_subset(n: int, batch_size: int, n_batches: int | None, seed: int) -> np.ndarray:
+    """Which samples of a split of ``n`` the seed's fixed evaluation set scores, in the order it scores them.
+
+    The one definition of that choice: :class:`FixedBatches` keeps these samples, and a ``--shard-users``
+    rank the part of them its users own, so the ranks together score what one process would.
+
+    Parameters
+    ----------
+    n : int
+        Samples in the split.
+    batch_size : int
+        Rows per evaluation batch.
+    n_batches : int or None
+        Batches to keep; ``None`` keeps the whole split (in random order).
+    seed : int
+        Seeds the subset, on a stream apart from the training epochs'.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``min(n, n_batches * batch_size)`` distinct indices in ``[0, n)`` (all ``n`` for ``None``).
+    """
+    take = n if n_batches is None else min(n, n_batches * batch_size)
+    # Its own stream of the seed, apart from the training epochs' [seed, epoch] streams.
+    return np.random.default_rng([seed, 0xE7A1]).permutation(n)[:take]
+
+
 class BatchAssembler:
     """Builds ``(X, y)`` for batches of sample indices into one reused pair of buffers.
 
@@ -192,10 +219,8 @@ class FixedBatches:
         buffers: BatchBuffers | None = None,
     ) -> None:
         self.assembler = self._assembler_class(matrix, samples, batch_size, buffers)
-        n = len(samples)
-        take = n if n_batches is None else min(n, n_batches * batch_size)
-        # Its own stream of the seed, apart from the training epochs' [seed, epoch] streams.
-        order = np.random.default_rng([seed, 0xE7A1]).permutation(n)[:take]
+        order = fixed_subset(len(samples), batch_size, n_batches, seed)
+        take = len(order)
         self._batches = [
             self.assembler.to_device_indices(order[s : s + batch_size]) for s in range(0, take, batch_size)
         ]

@@ -4,24 +4,32 @@
 compares that with a budget (:func:`device_budget`, or a user's limit) and raises
 :class:`MemoryBudgetExceeded` with the estimate, the limit and the settings that would fit.
 
-What is counted (fp32 model; ``P`` parameters, ``B`` batch rows, ``n`` items, ``k`` negatives)::
+What is counted (fp32 master weights; ``P`` parameters, ``B`` batch rows, ``n`` items, ``k`` negatives,
+``W`` ranks)::
 
     csr            indptr (n_users + 1) x int64, indices nnz x int32 (+ nnz x float32 values)
-    samples        training (user, item) int32 pairs + the epoch's int64 order; evaluation sets likewise
+    samples        every training (user, item) int32 pair (each rank holds all of them unless users are
+                   sharded) + this rank's int64 epoch order (its share); evaluation sets 16 bytes a sample
     sampler        sampled softmax: the alias table (float64 + int64) and log Q (float32), n each
     batch          dense: X [B, n + 3] in the batch dtype + y int64; sparse: B x max_row_length bag
                    indices (int64) and weights (float32), offsets, features [B, 3], y
     parameters     P x 4;  gradients  P x 4;  optimizer  Adam: 2 P x 4 (SGD: 0)
+    gradient_buffer  torchrun (W > 1): the flat P x 4 buffer the gradients are all-reduced in
     optimizer_step Adam's temporaries: on CUDA (foreach) one tensor of P; on the CPU 2 x the largest
     activations    saved hidden layers and their gradients, 2 B (h0 + 2 h1 + 2 h2) x 4; sparse: + 24 B L
     logits         full: 3 B n x 4 (logits, log-softmax, gradient); sampled: 3 B (k + 1) x 4, the mask,
-                   and the gathered output rows and their gradient, 2 (B + k) h2 x 4
-    evaluation     full-softmax evaluation without autograd: 2 B_eval n x 4 plus hidden layers
+                   and the gathered output rows and their gradient, 2 (B + k) h2 x 4; bf16 on CUDA: + the
+                   bf16 logits' block, B n x 2 (sampled: B k x 2), which the caching allocator keeps
+    autocast       bf16: the bf16 copies autocast makes of the weights a matmul reads (all but the sparse
+                   path's item table; the sampled softmax reads k output rows, not n), 2 bytes each, and
+                   the bf16 gradient of the largest (bf16 activations are still counted at 4 bytes)
+    evaluation     full-softmax evaluation without autograd: 2 B_eval n x 4 plus hidden layers; bf16: + the
+                   weight copies (and on CUDA the bf16 logits' block, B_eval n x 2)
 
-The first seven are held for the whole run; the step's transients (activations + logits), the optimiser
-step and evaluation happen one after another, so the total counts only the largest of the three. Bytes
-outside torch's and CuPy's allocations (the CUDA context, about 0.5 GiB, or on the CPU the interpreter
-and the host copy of the data) are not counted: leave headroom in the budget.
+The persistent terms are held for the whole run; the step's transients (activations + logits + autocast),
+the optimiser step and evaluation happen one after another, so the total counts only the largest of the
+three. Bytes outside torch's and CuPy's allocations (the CUDA context, about 0.5 GiB, or on the CPU the
+interpreter and the host copy of the data) are not counted: leave headroom in the budget.
 """
 
 from __future__ import annotations
@@ -41,9 +49,11 @@ _LABELS = {
     "parameters": "model parameters",
     "gradients": "gradients",
     "optimizer": "optimizer state",
+    "gradient_buffer": "gradient all-reduce buffer",
     "optimizer_step": "optimizer step temporaries",
     "activations": "activations",
     "logits": "logits, softmax and their gradients",
+    "autocast": "bf16 weight copies",
     "evaluation": "evaluation logits (full softmax)",
 }
 
@@ -63,8 +73,12 @@ class MemoryPlan:
     csr, samples, sampler, batch, parameters, gradients, optimizer : int
         Bytes held for the whole run.
     optimizer_step, activations, logits, evaluation : int
-        Bytes of the transients: the optimiser step's; a training step's (activations + logits);
-        an evaluation batch's.
+        Bytes of the transients: the optimiser step's; a training step's (activations + logits +
+        ``autocast``); an evaluation batch's.
+    gradient_buffer : int
+        Bytes held for the whole run by the gradient all-reduce under ``torchrun`` (0 in one process).
+    autocast : int
+        Bytes of a bf16 training step's weight copies and the gradient of the largest (0 in fp32).
     settings : dict
         The arguments :func:`estimate` was called with, so that :func:`check` can try other settings.
     """
@@ -80,17 +94,21 @@ class MemoryPlan:
     activations: int
     logits: int
     evaluation: int
+    gradient_buffer: int = 0
+    autocast: int = 0
     settings: dict = field(default_factory=dict, compare=False)
 
     @property
     def persistent(self) -> int:
         """Bytes held for the whole run."""
-        return self.csr + self.samples + self.sampler + self.batch + self.parameters + self.gradients + self.optimizer
+        held = self.csr + self.samples + self.sampler + self.batch + self.parameters + self.gradients
+        return held + self.optimizer + self.gradient_buffer
 
     @property
     def total(self) -> int:
         """Estimated peak: the persistent bytes plus the largest of the three transients."""
-        return self.persistent + max(self.activations + self.logits, self.optimizer_step, self.evaluation)
+        step = self.activations + self.logits + self.autocast
+        return self.persistent + max(step, self.optimizer_step, self.evaluation)
 
     def terms(self) -> dict[str, int]:
         """Every term by name, in bytes (the dataclass fields without ``settings``).
@@ -161,13 +179,16 @@ def estimate(
     path: str = "dense",
     softmax: str = "full",
     negatives: int | None = None,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
     max_row_length: int | None = None,
     optimizer: str = "adam",
     device: str = "cuda",
     values: bool = False,
     n_eval_samples: int = 0,
     eval_batch_size: int | None = None,
+    precision: str = "fp32",
+    world_size: int = 1,
+    epoch_samples: int | None = None,
 ) -> MemoryPlan:
     """Estimate the device bytes of training :class:`~gpu_ann.model.CandidateGenerator` with these settings.
 
@@ -178,7 +199,8 @@ def estimate(
     n_users, n_items, nnz : int
         Shape and stored entries of the training input matrix.
     n_samples : int
-        Training samples (one per training interaction).
+        Training samples the loader holds (one per training interaction; under ``torchrun`` every rank
+        holds all of them, under ``--shard-users`` only its own users').
     batch_size : int
         Rows per training batch.
     hidden : tuple of three ints
@@ -189,8 +211,9 @@ def estimate(
         Training loss over all items, or over the target and ``negatives`` sampled items.
     negatives : int, optional
         ``k``, required for ``softmax="sampled"``.
-    out_dtype : torch.dtype
-        Dtype of the dense batch buffer (``torch.float32`` or ``torch.bfloat16``).
+    out_dtype : torch.dtype, optional
+        Dtype of the dense batch buffer (``torch.float32`` or ``torch.bfloat16``); default bfloat16 for
+        ``precision="bf16"``, else float32.
     max_row_length : int, optional
         The longest user row (the sparse path's bag buffer holds ``batch_size`` of them); required for
         ``path="sparse"``.
@@ -204,6 +227,15 @@ def estimate(
         Samples copied to the device by the evaluation sets (all of them, not only those scored).
     eval_batch_size : int, optional
         Rows per evaluation batch (default ``batch_size``).
+    precision : {"fp32", "bf16"}
+        ``"bf16"`` counts what ``torch.autocast`` adds: bf16 copies of the weights and a gradient of one,
+        and on CUDA the cached block of the bf16 logits (see :class:`~gpu_ann.objective.Objective`).
+    world_size : int
+        Ranks of a ``torchrun`` run: above 1 the gradients are all-reduced in a flat buffer of all
+        parameters, and this rank's epoch order holds its share of the samples.
+    epoch_samples : int, optional
+        Samples in this rank's epoch order (default ``ceil(n_samples / world_size)``; under
+        ``--shard-users`` the largest rank's count).
 
     Returns
     -------
@@ -212,32 +244,41 @@ def estimate(
     Raises
     ------
     ValueError
-        An unknown ``path``, ``softmax``, ``optimizer`` or ``device``; a size below 1 (0 allowed for
-        ``nnz``, ``n_samples``, ``n_eval_samples``); ``negatives`` missing for the sampled softmax, or
-        ``max_row_length`` missing for the sparse path.
+        An unknown ``path``, ``softmax``, ``optimizer``, ``device`` or ``precision``; a size below 1 (0
+        allowed for ``nnz``, ``n_samples``, ``n_eval_samples``, ``epoch_samples``); ``negatives`` missing
+        for the sampled softmax, or ``max_row_length`` missing for the sparse path.
     """
     settings = dict(locals())  # the arguments, for check() to re-estimate with other settings
     _check_choice("path", path, ("dense", "sparse"))
     _check_choice("softmax", softmax, ("full", "sampled"))
     _check_choice("optimizer", optimizer, ("adam", "sgd"))
     _check_choice("device", device, ("cuda", "cpu"))
-    if min(n_users, n_items, batch_size, *hidden) < 1 or min(nnz, n_samples, n_eval_samples) < 0:
+    _check_choice("precision", precision, ("fp32", "bf16"))
+    counts = (nnz, n_samples, n_eval_samples, epoch_samples or 0)
+    if min(n_users, n_items, batch_size, world_size, *hidden) < 1 or min(counts) < 0:
         raise ValueError(
             f"sizes must be positive: n_users={n_users}, n_items={n_items}, batch_size={batch_size}, "
-            f"hidden={hidden}, nnz={nnz}, n_samples={n_samples}, n_eval_samples={n_eval_samples}"
+            f"world_size={world_size}, hidden={hidden}, nnz={nnz}, n_samples={n_samples}, "
+            f"n_eval_samples={n_eval_samples}, epoch_samples={epoch_samples}"
         )
+    if epoch_samples is None:
+        epoch_samples = -(-n_samples // world_size)  # this rank's share of each epoch
     if softmax == "sampled" and not (negatives and negatives >= 1):
         raise ValueError(f"the sampled softmax needs negatives >= 1, got {negatives}")
     if path == "sparse" and not (max_row_length and max_row_length >= 1):
         raise ValueError(f"the sparse path needs max_row_length >= 1 (the longest user row), got {max_row_length}")
-    f32, i64 = 4, 8
+    f32, i64, bf16 = 4, 8, 2
+    bf16_run = precision == "bf16"
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if bf16_run else torch.float32
     n, B = n_items, batch_size
     h0, h1, h2 = hidden
     B_eval = eval_batch_size or batch_size
 
     csr = (n_users + 1) * i64 + nnz * 4 + (nnz * f32 if values else 0)
-    # The loader keeps (user, item) as int32 and one epoch's order as int64; an evaluation set the same.
-    samples = (n_samples + n_eval_samples) * (2 * 4 + i64)
+    # The loader keeps every (user, item) as int32 and this rank's epoch order as int64; an evaluation set
+    # is counted the same (its pairs and order).
+    samples = n_samples * 2 * 4 + epoch_samples * i64 + n_eval_samples * (2 * 4 + i64)
     sampler = n * (8 + i64 + f32) if softmax == "sampled" else 0
     if path == "dense":
         batch = B * (n + 3) * torch.empty(0, dtype=out_dtype).element_size() + B * i64
@@ -249,6 +290,7 @@ def estimate(
     sizes = [_numel(s) for s in shapes]
     P = sum(sizes)
     parameters = gradients = P * f32
+    gradient_buffer = P * f32 if world_size > 1 else 0  # Replicas.average_gradients' flat buffer, made once
     optimizer_bytes = 2 * P * f32 if optimizer == "adam" else 0
     if optimizer == "sgd":
         optimizer_step = 0
@@ -260,12 +302,28 @@ def estimate(
     activations = 2 * B * (h0 + 2 * h1 + 2 * h2) * f32
     if path == "sparse":
         activations += B * max_row_length * 3 * i64  # bag index map, and the backward's sorted indices
+    # autocast casts every weight a matmul reads to bf16 and keeps the copies through the step (its cache
+    # until the forward ends, then what the backward saved): all parameters but the bag path's item table,
+    # which embedding_bag reads in float32; the sampled softmax casts the k gathered output rows, not all n.
+    # The backward then makes a bf16 gradient of one copy at a time.
+    read_by_matmul = list(sizes)
+    if path == "sparse":
+        read_by_matmul[0] = 3 * h0  # of the first layer only the count features' weight
+    # bf16 logits are freed as soon as their float32 copy exists. Measured on the CPU, malloc hands the block
+    # back at once; CUDA's caching allocator keeps it (too small for the float32 arrays that follow) until
+    # the logits' bf16 gradient reuses it, so there it sits beside the three float32 arrays.
+    cached_bf16 = bf16_run and device == "cuda"
     if softmax == "full":
-        logits = 3 * B * n * f32
+        logits = 3 * B * n * f32 + (B * n * bf16 if cached_bf16 else 0)
+        casts = read_by_matmul
     else:
         k = negatives
-        logits = 3 * B * (k + 1) * f32 + B * k + 2 * (B + k) * h2 * f32
+        logits = 3 * B * (k + 1) * f32 + B * k + 2 * (B + k) * h2 * f32 + (B * k * bf16 if cached_bf16 else 0)
+        casts = [*read_by_matmul[:-2], h2 * k, k]
+    autocast = (sum(casts) + max(casts)) * bf16 if bf16_run else 0
     evaluation = 2 * B_eval * n * f32 + B_eval * (h0 + h1 + h2) * f32
+    if bf16_run:  # the weight copies (no gradients without autograd), and on CUDA the cached bf16 logits
+        evaluation += sum(read_by_matmul) * bf16 + (B_eval * n * bf16 if cached_bf16 else 0)
     return MemoryPlan(
         csr,
         samples,
@@ -278,6 +336,8 @@ def estimate(
         activations,
         logits,
         evaluation,
+        gradient_buffer,
+        autocast,
         settings,
     )
 

@@ -3,7 +3,9 @@
 Without sharding every rank holds the whole input matrix on its device and draws a disjoint share of
 each epoch's samples. With it, each rank holds only the rows of the users it owns, and trains and
 evaluates only their samples, so the device matrix and sample arrays shrink with the number of ranks
-(the host still reads the whole file: every rank needs the id maps and the global item counts).
+(the host still reads the whole file: every rank needs the id maps and the global item counts). The
+fixed evaluation subsets are chosen over the whole splits, as without sharding, and each rank scores the
+part its users own (:meth:`UserShard.evaluation_subset`).
 
 Ownership balances training samples, not users: users are sorted by their number of training samples and
 dealt to the ranks in snake order (0, 1, ..., w-1, w-1, ..., 0, ...), which keeps the ranks' totals within
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpu_ann.batching import fixed_subset
 from gpu_ann.splits import Samples
 
 
@@ -61,6 +64,23 @@ class UserShard:
         keep = self.owns(samples.user)
         rows = np.searchsorted(self.users, samples.user[keep]).astype(np.int32)
         return Samples(rows, samples.item[keep])
+
+    def evaluation_subset(self, samples: Samples, batch_size: int, n_batches: int | None, seed: int) -> Samples:
+        """This rank's part of the fixed evaluation subset an unsharded run scores, as rows of its matrix.
+
+        The subset is chosen over the whole split (:func:`gpu_ann.batching.fixed_subset`), then the rank
+        keeps its own users' samples: the ranks together score exactly the samples one process would, so
+        the all-reduced losses are the same numbers.
+
+        Parameters
+        ----------
+        samples : Samples
+            The whole split, with global user indices.
+        batch_size, n_batches, seed
+            As for :class:`gpu_ann.batching.FixedBatches` (``n_batches=None``: the whole split).
+        """
+        chosen = fixed_subset(len(samples), batch_size, n_batches, seed)
+        return self.local(Samples(samples.user[chosen], samples.item[chosen]))
 
 
 def shard_users(train_users: np.ndarray, n_users: int, rank: int, world_size: int) -> UserShard:

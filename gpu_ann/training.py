@@ -104,11 +104,12 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"the sampled softmax needs --negatives >= 1, got {cfg.negatives}")
 
 
-def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, world_size: int, shard) -> str:
-    """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
+def _memory_plan(
+    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard
+) -> planner.MemoryPlan:
+    """The planner's estimate for this rank, with the input path chosen (``cfg.input_path`` or the cheaper one).
 
-    Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
-    free memory, a sync, when no budget is given). Under ``--shard-users`` the sizes are this rank's.
+    Host arithmetic on sizes only. Under ``--shard-users`` the sizes are this rank's.
     """
     inputs = np.isin(assignment, (TRAIN, FOLD_IN))  # the input matrix: training and fold-in rows
     if shard is not None:
@@ -116,11 +117,18 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
     lengths = np.bincount(table.user[inputs], minlength=table.n_users)
     if shard is not None:
         lengths = lengths[shard.users]
-    if shard is None:  # the loader holds all samples; its order only this rank's share
-        n_samples, n_eval = -(-len(splits.train) // world_size), len(splits.train) + len(splits.validation)
+    mine = (lambda samples: samples) if shard is None else shard.local
+    # The loader holds every training sample it may draw (all of them unless users are sharded) and this
+    # rank's epoch order. The evaluation sets: the training and validation ones, then the whole validation
+    # split for the best model while the first two still exist. Unsharded, only rank 0 evaluates, and each
+    # set copies its whole split; sharded, a rank copies only its part of the subset scored.
+    n_samples = len(mine(splits.train))
+    if shard is None:
+        n_eval = len(splits.train) + 2 * len(splits.validation) if replicas.is_main else 0
     else:
-        n_samples = shard.epoch_samples
-        n_eval = len(shard.local(splits.train)) + len(shard.local(splits.validation))
+        B = cfg.eval_batch_size or cfg.batch_size
+        n_eval = sum(len(shard.evaluation_subset(splits[name], B, cfg.eval_batches, cfg.seed))
+                     for name in ("train", "validation")) + len(mine(splits.validation))  # fmt: skip
     stats = row_statistics(lengths)
     input_bytes = 2 if cfg.precision == "bf16" else 4
     path = cfg.input_path
@@ -128,7 +136,7 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
         moved = {p: step_bytes(table.n_items, stats, cfg.batch_size, p, embedding_dim=cfg.hidden[0],
                                input_bytes=input_bytes).moved for p in PATHS}  # fmt: skip
         path = "sparse" if moved["sparse"] < moved["dense"] else "dense"
-    plan = planner.estimate(
+    return planner.estimate(
         len(lengths),
         table.n_items,
         int(inputs.sum()),
@@ -138,13 +146,27 @@ def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, wo
         path=path,
         softmax=cfg.softmax,
         negatives=cfg.negatives if cfg.softmax == "sampled" else None,
-        out_dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+        # The loader's batch dtype: bf16 rows only on the dense path (bags are float32 either way).
+        out_dtype=torch.bfloat16 if cfg.precision == "bf16" and path == "dense" else torch.float32,
         max_row_length=max(stats[1], 1),
         device=backend.name,
         values=cfg.input_values != "implicit",
         n_eval_samples=n_eval,
         eval_batch_size=cfg.eval_batch_size,
+        precision=cfg.precision,
+        world_size=replicas.world_size,
+        epoch_samples=None if shard is None else shard.epoch_samples,
     )
+
+
+def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard) -> str:
+    """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
+
+    Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
+    free memory, a sync, when no budget is given).
+    """
+    plan = _memory_plan(cfg, table, splits, assignment, backend, replicas, shard)
+    path = plan.settings["path"]
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:
@@ -214,6 +236,8 @@ def train(cfg: TrainConfig, table: RatingsTable | None = None, resume=None) -> T
         ``cfg.backend == "cuda"`` where CUDA cannot run.
     MemoryBudgetExceeded
         The planner's estimate for these settings exceeds the memory budget (nothing was allocated).
+    RankFailed
+        Under ``torchrun``: another rank raised an error; this one stopped at the same check.
     ValueError
         Invalid settings, e.g. split fractions that do not sum to 1 or an unknown backend.
     """
@@ -252,7 +276,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     )
     shard = _shard(cfg, splits, table.n_users, replicas)
     mine = (lambda samples: samples) if shard is None else shard.local  # this rank's samples, as matrix rows
-    path = _plan(cfg, table, splits, assignment, backend, replicas.world_size, shard)
+    # Every rank checks its own plan (sizes and free memory differ between ranks), and they agree on the
+    # outcome before any other collective: a rank that does not fit stops the others too, rather than
+    # leaving them waiting for it in the first gradient all-reduce.
+    path = replicas.attempt(_plan, cfg, table, splits, assignment, backend, replicas, shard)
+    replicas.settle(" in its memory plan")
 
     with stage(f"building the matrix on {backend.name}"):
         # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
@@ -271,15 +299,21 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         epoch_samples=None if shard is None else shard.epoch_samples,
     )
     # Evaluation runs between steps, so it shares the training loader's buffers. Rank 0 evaluates, or, with
-    # sharded users, every rank its own users; the sums meet in one all-reduce.
+    # sharded users, every rank its own users' part of the same fixed subsets; the sums meet in one
+    # all-reduce, so the logged losses are those of the samples one process would score.
     buffers = loader.buffers
     Fixed = FixedBags if path == "sparse" else FixedBatches
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     evaluates = replicas.is_main or shard is not None
-    eval_sets = {
-        name: Fixed(matrix, mine(splits[name]), eval_batch, cfg.eval_batches, cfg.seed, buffers)
-        for name in (("train", "validation") if evaluates else ())
-    }
+
+    def fixed(samples, n_batches: int | None):
+        """The fixed evaluation batches of a split; sharded, this rank's part of those one process scores."""
+        if shard is None:
+            return Fixed(matrix, samples, eval_batch, n_batches, cfg.seed, buffers)
+        owned = shard.evaluation_subset(samples, eval_batch, n_batches, cfg.seed)
+        return Fixed(matrix, owned, eval_batch, None, cfg.seed, buffers)
+
+    eval_sets = {name: fixed(splits[name], cfg.eval_batches) for name in (("train", "validation") if evaluates else ())}
     popularity = popularity_loss(splits.train.item, splits.validation.item, n_items)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -352,24 +386,29 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     def mean_losses(sets: dict, names=("train", "validation")) -> dict[str, float]:
         """Full-softmax cross-entropy per sample of each named set of fixed batches, over all ranks' sets.
 
-        Every rank calls it (a rank without a set adds nothing): one all-reduce under ``torchrun`` and one
-        host-device sync.
+        Every rank calls it (a rank without a set adds nothing): one all-reduce under ``torchrun``, which is
+        a check (it raises on every rank when one has failed), and one host-device sync.
         """
-        model.eval()
         sums = torch.zeros(2 * len(names), dtype=torch.float64, device=backend.torch_device)
-        with torch.no_grad():
-            for k, name in enumerate(names):
-                for b in sets.get(name, ()):
-                    sums[2 * k] += objective.summed_cross_entropy(b)
-                sums[2 * k + 1] = sets[name].n_samples if name in sets else 0
-        model.train()
-        replicas.all_sum(sums)
+
+        def add_up() -> None:
+            model.eval()
+            with torch.no_grad():
+                for k, name in enumerate(names):
+                    for b in sets.get(name, ()):
+                        sums[2 * k] += objective.summed_cross_entropy(b)
+                    sums[2 * k + 1] = sets[name].n_samples if name in sets else 0
+            model.train()
+
+        replicas.attempt(add_up)
+        replicas.all_sum(sums, f" by step {step}")
         totals = sums.tolist()  # host-device sync
         return {name: totals[2 * k] / totals[2 * k + 1] for k, name in enumerate(names)}
 
-    def evaluate(epoch: int, losses: dict[str, float]) -> bool:
+    def evaluate(epoch: int, losses: dict[str, float], loss: torch.Tensor) -> bool:
         """Rank 0: log losses, checkpoint an improvement; True when patience has run out."""
         nonlocal best, bad_evals
+        bar.set_postfix(loss=f"{loss.item():.3f}")  # the last step's loss; host-device sync, at log time only
         samples_per_s = (step - since["step"]) * cfg.batch_size / (time.perf_counter() - since["time"])
         samples_per_s *= replicas.world_size
         if not math.isfinite(losses["validation"]):
@@ -415,25 +454,42 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         )
         return bad_evals >= cfg.patience
 
+    def train_step(batches) -> torch.Tensor:
+        """Forward and backward of the epoch's next batch (the ranks then average the gradients)."""
+        loss = objective.loss(next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def finish() -> None:
+        """Rank 0: the final ``last.pt``, the logs closed, and the best weights loaded back."""
+        if history:
+            save_state(finished=True)
+        run_log.close()
+        model.load_state_dict(load_checkpoint(run_dir).model_state)
+
+    # A rank's own work goes through replicas.attempt: under torchrun an error is kept, the rank goes on
+    # joining the collectives without working, and the next check (the replica check, an evaluation's
+    # all-reduce, the stop agreement) raises on every rank (see gpu_ann.distributed); in one process
+    # attempt() just calls. The loop counts steps rather than the loader's batches, so a rank whose loader
+    # failed still takes every step with the others.
     while not stop:
         loader.set_epoch(epoch, start_batch=batch_in_epoch)
-        for batch in loader:
-            loss = objective.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        batches = iter(loader)
+        for _ in range(batch_in_epoch, len(loader)):  # the same count on every rank
+            loss = replicas.attempt(train_step, batches)
             replicas.average_gradients(model.parameters())  # waits for the other ranks (torchrun only)
-            optimizer.step()
+            replicas.attempt(optimizer.step)
             step += 1
             batch_in_epoch += 1
             bar.update()
             if cfg.replica_check_every and step % cfg.replica_check_every == 0:
                 replicas.check_identical(model.parameters(), step)
             if step % cfg.eval_every == 0 or step == max_steps:
-                losses = mean_losses(eval_sets)  # every rank joins (see mean_losses)
+                losses = mean_losses(eval_sets)  # every rank joins; raises everywhere if a rank has failed
                 if replicas.is_main:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")  # host-device sync, at log time only
-                    stop = evaluate(epoch, losses)
-                stop = replicas.agree(stop, backend.torch_device)  # rank 0 decides for all
+                    stop = replicas.attempt(evaluate, epoch, losses, loss)
+                stop = replicas.agree(stop, f" by step {step}")  # rank 0 decides for all, or everyone raises
             if stop or step >= max_steps:
                 stop = True
                 break
@@ -442,17 +498,15 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     bar.close()
     seconds = time.perf_counter() - started
     if replicas.is_main:
-        if history:
-            save_state(finished=True)
-        run_log.close()
-        model.load_state_dict(load_checkpoint(run_dir).model_state)
+        replicas.attempt(finish)
     if shard is not None:
         replicas.broadcast(model.state_dict().values())  # rank 0's best weights, for every rank's own users
 
     # The best model on the whole validation split, against popularity on the same samples.
-    whole = {}
-    if evaluates:
-        whole["validation"] = Fixed(matrix, mine(splits.validation), eval_batch, None, cfg.seed, buffers)
+    def whole_split() -> dict:
+        return {"validation": fixed(splits.validation, None)}
+
+    whole = (replicas.attempt(whole_split) or {}) if evaluates else {}
     with stage("evaluating the best model on the whole validation split"):
         final = mean_losses(whole, ("validation",))["validation"]
     if not replicas.is_main:

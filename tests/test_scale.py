@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpu_ann.backend import get_backend
 from gpu_ann.checkpoint import load_checkpoint
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.planner import MemoryBudgetExceeded
@@ -184,6 +185,42 @@ def test_planner_refuses_before_anything_is_written(tmp_path):
     assert "but the limit is 35.2 KiB (--memory-budget); nothing was allocated" in message
     assert "--batch-size of at most" in message and "--softmax sampled" in message
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("rank, sharded", [(0, False), (1, False), (1, True)])
+def test_the_trainer_plans_for_its_precision_and_its_rank(tmp_path, rank, sharded):
+    from types import SimpleNamespace
+
+    from gpu_ann.batching import fixed_subset
+    from gpu_ann.model import CandidateGenerator
+    from gpu_ann.sharding import shard_users
+    from gpu_ann.training import _memory_plan, _read_and_split
+
+    cfg = config(tmp_path, "plan", precision="bf16", input_path="dense", shard_users=sharded)
+    t = table()
+    _, splits, assignment = _read_and_split(cfg, t, None)
+    replicas = SimpleNamespace(rank=rank, world_size=2, is_main=rank == 0)  # what the planner reads of Replicas
+    shard = shard_users(splits.train.user, t.n_users, rank, 2) if sharded else None
+    plan = _memory_plan(cfg, t, splits, assignment, get_backend("cpu"), replicas, shard)
+    terms, settings = plan.terms(), plan.settings
+    assert settings["precision"] == "bf16" and settings["out_dtype"] == torch.bfloat16 and settings["world_size"] == 2
+    assert terms["autocast"] > 0
+    # The flat all-reduce buffer holds every parameter as float32.
+    assert terms["gradient_buffer"] == 4 * sum(p.numel() for p in CandidateGenerator(t.n_items, (8, 8, 8)).parameters())
+    if sharded:
+        held = int(shard.owns(splits.train.user).sum())  # the rank's own users' samples
+        order = shard.epoch_samples  # padded to the largest rank's epoch
+        # Its part of the fixed subsets one process scores (2 batches of 16), and its whole validation split.
+        scored = [fixed_subset(len(splits[n]), 16, 2, 0) for n in ("train", "validation")]
+        evaluated = sum(int(shard.owns(splits[n].user[i]).sum()) for n, i in zip(("train", "validation"), scored))
+        evaluated += int(shard.owns(splits.validation.user).sum())
+        assert settings["n_users"] == len(shard.users) < t.n_users
+    else:
+        held, order = len(splits.train), -(-len(splits.train) // 2)  # all samples, this rank's half of the order
+        evaluated = len(splits.train) + 2 * len(splits.validation) if rank == 0 else 0  # only rank 0 evaluates
+    assert settings["n_samples"] == held
+    assert settings["n_eval_samples"] == evaluated
+    assert terms["samples"] == held * 8 + order * 8 + evaluated * 16
 
 
 def test_unknown_settings_are_refused(tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ from reference import assemble_reference
 from test_torchrun import gpu_ann_train, ratings_csv
 
 from gpu_ann.backend import get_backend
+from gpu_ann.batching import FixedBatches, fixed_subset
 from gpu_ann.checkpoint import load_checkpoint, load_data
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.loader import BatchLoader
@@ -94,8 +96,40 @@ def test_epoch_samples_pads_by_repeating_the_start_of_the_order():
         BatchLoader(matrix, samples, 2, epoch_samples=2)
 
 
-def _reference_validation_loss(run_dir) -> float:
-    """Cross-entropy of the saved best model on the whole validation split, one process, dense rows in numpy."""
+def _scored_rows(fixed) -> list[tuple]:
+    """Every (input row, label) a set of fixed batches scores, as tuples (the batches reuse one buffer)."""
+    return [(*x.tolist(), int(label)) for X, y in fixed for x, label in zip(X, y)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_ranks_together_score_the_subset_one_process_scores(world_size):
+    rng = np.random.default_rng(5)
+    n_users, n_items = 30, 20
+    pairs = np.array([(u, i) for u in range(n_users) for i in rng.choice(n_items, rng.integers(2, 9), replace=False)])
+    table = RatingsTable(
+        user=pairs[:, 0].astype(np.int32), item=pairs[:, 1].astype(np.int32), rating=None, timestamp=None,
+        user_ids=np.arange(n_users), item_ids=np.arange(n_items), item_titles=None,
+    )  # fmt: skip
+    assignment = np.where(rng.random(len(pairs)) < 0.6, TRAIN, VALIDATION).astype(np.uint8)
+    splits = splits_from_assignment(table, assignment)
+    backend = get_backend("cpu")
+    batch, n_batches, seed = 4, 3, 7
+    whole = input_matrix(backend, table, assignment)
+    one = _scored_rows(FixedBatches(whole, splits.validation, batch, n_batches, seed))
+    assert len(one) == batch * n_batches < len(splits.validation)  # a real subset of the split
+    together = []
+    for rank in range(world_size):
+        shard = shard_users(splits.train.user, n_users, rank, world_size)
+        part = input_matrix(backend, table, assignment, users=shard.users)
+        owned = shard.evaluation_subset(splits.validation, batch, n_batches, seed)
+        together += _scored_rows(FixedBatches(part, owned, batch, None, seed))
+    # The same samples (each its input row without the target, and the target), none twice, none missing.
+    assert sorted(together) == sorted(one)
+
+
+def _reference_validation_loss(run_dir, n_batches: int | None = None, batch_size: int = 8) -> float:
+    """Cross-entropy of the saved best model on the validation split (the whole of it, or the fixed subset of
+    ``n_batches`` one process scores), in one process, with dense rows built in numpy."""
     table, assignment = load_data(run_dir)
     splits = splits_from_assignment(table, assignment)
     csr = sp.csr_matrix(
@@ -107,7 +141,8 @@ def _reference_validation_loss(run_dir) -> float:
     model.load_state_dict(ckpt.model_state)
     model.eval()
     v = splits.validation
-    x, y = assemble_reference(csr.indptr, csr.indices, v.user, v.item, np.arange(len(v)), table.n_items)
+    chosen = fixed_subset(len(v), batch_size, n_batches, ckpt.config["seed"])
+    x, y = assemble_reference(csr.indptr, csr.indices, v.user, v.item, chosen, table.n_items)
     with torch.no_grad():
         return float(F.cross_entropy(model(torch.from_numpy(x).float()), torch.from_numpy(y)))
 
@@ -129,3 +164,7 @@ def test_two_sharded_ranks_train_identical_replicas_and_sum_evaluation_over_user
     printed = float(re.search(r"validation loss \(best model, whole split\): ([\d.]+)", done.stdout).group(1))
     # Each rank scored only its own users' validation samples; their sums over both ranks are the whole split.
     assert printed == pytest.approx(_reference_validation_loss(tmp_path / "run"), abs=1.5e-4)
+    # The logged losses are those of the fixed subset (2 batches of 8) one process would score: the best one
+    # is the saved model's.
+    best = json.loads(metrics[-1])["best_validation_loss"]
+    assert best == pytest.approx(_reference_validation_loss(tmp_path / "run", n_batches=2), rel=1e-5)
