@@ -507,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_ann.config import ConfigError
     from gpu_ann.data.table import DataError
     from gpu_ann.distributed import RankFailed
+    from gpu_ann.planner import MemoryBudgetExceeded
     from gpu_ann.recommend import UnknownId
     from gpu_ann.scoring import ScoringError
     from gpu_ann.training import TrainingDiverged
@@ -533,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         TrainingDiverged,
         ConfigError,
         RankFailed,
+        MemoryBudgetExceeded,  # its message names the estimate, the limit and settings that fit
     ) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) else exc  # KeyError's str() adds quotes
         print(f"gpu-ann {args.command}: error: {message}", file=sys.stderr)

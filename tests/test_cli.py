@@ -107,6 +107,17 @@ def test_bad_input_files_give_a_clear_error_and_exit_code_2(tmp_path, capsys, co
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_over_the_memory_budget_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    data = tmp_path / "ratings.csv"
+    write_ratings(data)
+    args = ["train", "--data", str(data), "--backend", "cpu", "--out", str(tmp_path / "run")]
+    assert main([*args, "--memory-budget", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu-ann train: error: ") and "Traceback" not in err
+    assert "but the limit is 1000 B (--memory-budget); nothing was allocated" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_recommend_for_an_unknown_run_directory(tmp_path, capsys):
     assert main(["recommend", "--checkpoint", str(tmp_path), "--user", "1"]) == 2
     assert "data.npz: not found" in capsys.readouterr().err
