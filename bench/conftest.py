@@ -25,6 +25,7 @@ from gpu_ann.data.readers import load_bundled_anime
 PATHS = ("dense", "sparse")
 SOFTMAXES = ("full", "sampled")
 DTYPES = ("fp32", "bf16")
+OPTIMIZERS = ("adam", "lazy-adam")
 BASELINE = "dense+full"  # the training-step variant every other one is compared with (fp32, eager)
 
 # Sizes of the synthetic matrices. "small" keeps the CPU run to a couple of minutes while keeping the
@@ -51,6 +52,12 @@ def pytest_addoption(parser):
     g.addoption("--train-paths", default="dense,sparse", help="input paths for the training step: dense,sparse")
     g.addoption("--train-softmax", default="full,sampled", help="training-step losses: full,sampled")
     g.addoption("--train-negatives", type=int, default=1024, help="negatives per batch of the sampled softmax")
+    g.addoption(
+        "--train-optimizers",
+        default="adam,lazy-adam",
+        help="optimisers for the training step: adam,lazy-adam (lazy-adam only for the variants with the sparse "
+        "path or the sampled softmax, eager)",
+    )
     g.addoption(
         "--train-compiled",
         default=None,
@@ -261,11 +268,14 @@ class TrainCase(NamedTuple):
     softmax: str  # full | sampled
     dtype: str  # fp32 | bf16
     compiled: bool
+    optimizer: str = "adam"  # adam | lazy-adam
 
     @property
     def id(self) -> str:
-        return f"n{self.n_items}-B{self.batch}-{self.path}-{self.softmax}-{self.dtype}-" + (
-            "compiled" if self.compiled else "eager"
+        return (
+            f"n{self.n_items}-B{self.batch}-{self.path}-{self.softmax}-{self.dtype}-"
+            + ("compiled" if self.compiled else "eager")
+            + ("-lazy-adam" if self.optimizer == "lazy-adam" else "")
         )
 
 
@@ -289,6 +299,9 @@ def train_cases(config) -> list[TrainCase]:
     softmaxes = _choices("--train-softmax", option("--train-softmax"), SOFTMAXES)
     sizes = [(n, b) for n in ints(option("--train-items")) for b in ints(option("--train-batch-sizes"))]
     cases = [TrainCase(n, b, p, s, d, False) for n, b in sizes for p in paths for s in softmaxes for d in dtypes]
+    if "lazy-adam" in _choices("--train-optimizers", option("--train-optimizers"), OPTIMIZERS):
+        # Where a step has sparse gradients to be lazy with: not dense + full (torch.compile cannot trace them).
+        cases += [c._replace(optimizer="lazy-adam") for c in cases if c.path == "sparse" or c.softmax == "sampled"]
     compiled = option("--train-compiled")
     if compiled is None:  # the two ends, among the paths and losses asked for
         precision = "bf16" if on_gpu else "fp32"

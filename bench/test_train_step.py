@@ -1,14 +1,14 @@
 """Training-step throughput of every variant the trainer offers, against dense + full softmax, fp32, eager.
 
-A step is what ``gpu_ann.training.train`` does per batch: assemble the batch (dense rows or bags), the
-loss of :class:`gpu_ann.objective.Objective` (full or sampled softmax, fp32 or bf16 autocast, eager or
-``torch.compile``), backward, Adam. Every variant runs on the same synthetic matrix and the same sample
-indices in the same run, so their samples/s compare directly (``conftest.summarise`` reports each one's
-ratio to ``dense+full`` fp32 eager at the same size). Also reported: the share of the step spent in
-assembly (assembly timed alone in the same run), achieved TFLOP/s from counted multiply-adds, and on the
-GPU, MFU against a bf16 8192³ matmul measured in the same run. The next batch's kernel is queued on
-torch's stream right behind the step that reads the current one, so the host never waits for it; on the
-device the two are serial, and the assembly share says what that costs.
+A step is what ``gpu_ann.training.train`` does per batch: assemble the batch (dense rows or bags), the loss
+of :class:`gpu_ann.objective.Objective` (full or sampled softmax, fp32 or bf16 autocast, eager or
+``torch.compile``), backward, Adam (or lazy Adam, ``--train-optimizers``). Every variant runs on the same
+synthetic matrix and the same sample indices in the same run, so their samples/s compare directly
+(``conftest.summarise`` reports each one's ratio to ``dense+full`` fp32 eager at the same size). Also
+reported: the share of the step spent in assembly (assembly timed alone in the same run), achieved TFLOP/s
+from counted multiply-adds, and on the GPU, MFU against a bf16 8192³ matmul measured in the same run. The
+next batch's kernel is queued on torch's stream right behind the step that reads the current one, so the
+host never waits for it; on the device the two are serial, and the assembly share says what that costs.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from gpu_ann.batching import BatchAssembler
 from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.model import N_FEATURES, CandidateGenerator
 from gpu_ann.objective import Objective
+from gpu_ann.optim import lazy_parameter_names
 from gpu_ann.sampled import NegativeSampler
 from gpu_ann.splits import Samples
 
@@ -106,7 +107,8 @@ def median_seconds(fn, rounds=5) -> float:
 def method_name(backend, case: TrainCase, negatives: int) -> str:
     """``"step-cpu dense+full"``, ``"step-cuda sparse+sampled-1024 compiled"``: what the results table shows."""
     softmax = case.softmax if case.softmax == "full" else f"sampled-{negatives}"
-    return f"step-{backend.name} {case.path}+{softmax}" + (" compiled" if case.compiled else "")
+    suffix = (" compiled" if case.compiled else "") + (" lazy-adam" if case.optimizer == "lazy-adam" else "")
+    return f"step-{backend.name} {case.path}+{softmax}" + suffix
 
 
 def compile_unavailable(backend) -> str | None:
@@ -144,7 +146,9 @@ def test_train_step(benchmark, backend, matmul_peak, train_case, request):
 
     torch.manual_seed(0)
     model = CandidateGenerator(csr.shape[1]).to(backend.torch_device)
-    optimizer = model.configure_optimizer()
+    # lazy-adam: sparse gradients for the item tables the step reads rows of, as the trainer makes them.
+    lazy = lazy_parameter_names(case.path, case.softmax) if case.optimizer == "lazy-adam" else ()
+    optimizer = model.configure_optimizer(lazy=lazy)
     sampler = None
     if case.softmax == "sampled":
         # The trainer's proposal: training counts (here every sample) to the power 0.75, plus one.
@@ -156,7 +160,7 @@ def test_train_step(benchmark, backend, matmul_peak, train_case, request):
         # Dynamo keeps one cache per code object, shared by every Objective: start each compiled variant
         # afresh, or after its recompile limit it would silently run eagerly.
         torch._dynamo.reset()
-    objective = Objective(model, sampler, case.dtype, compile=case.compiled)
+    objective = Objective(model, sampler, case.dtype, compile=case.compiled, sparse_grad=bool(lazy))
 
     def step(i):
         loss = objective.loss(asm.assemble(batches[i % N_BATCHES]))

@@ -8,6 +8,7 @@ import re
 import sys
 
 from gpu_ann import __version__
+from gpu_ann.optim import OPTIMIZERS
 from gpu_ann.training import TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -163,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--hidden", type=_hidden, default=DEFAULTS.hidden, metavar="H0,H1,H2", help="hidden sizes")
     m.add_argument("--lr", type=float, default=DEFAULTS.lr, help="Adam learning rate")
+    m.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=DEFAULTS.optimizer,
+        help="lazy-adam: the item tables a step reads only rows of (first layer on --input-path sparse, output "
+        "layer under --softmax sampled) get sparse gradients and lazy Adam updates of the rows touched; at large "
+        "catalogues far cheaper than Adam over every row",
+    )
     m.add_argument("--batch-size", type=_positive, default=DEFAULTS.batch_size, help="training batch size")
     m.add_argument(
         "--sampling",

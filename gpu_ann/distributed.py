@@ -3,9 +3,9 @@
 ``torchrun`` starts one process per device and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without
 them (or with ``WORLD_SIZE=1``) :class:`Replicas` is a single process and every method is a no-op. Every
 rank builds the same model from the same seed and averages its gradients with the others after each
-backward pass (one all-reduce of all gradients flattened into one buffer), so the replicas stay
-bit-identical without ever broadcasting weights. Only rank 0 evaluates, logs and writes checkpoints; the
-others learn whether to stop from it.
+backward pass (one all-reduce of all dense gradients flattened into one buffer; sparse ones, lazy Adam's,
+all-gathered), so the replicas stay bit-identical without ever broadcasting weights. Only rank 0
+evaluates, logs and writes checkpoints; the others learn whether to stop from it.
 
 An error on one rank must not leave the others waiting in a collective it will never join. Under
 ``torchrun`` the trainer runs each rank's own work through :meth:`Replicas.attempt`, which keeps an error
@@ -202,26 +202,33 @@ class Replicas:
         """The flat buffer :meth:`average_gradients` all-reduces in: made at its first call, then reused."""
         return self._gradient_buffer
 
-    def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+    def average_gradients(
+        self, parameters: Iterable[torch.nn.Parameter], sparse: Iterable[torch.nn.Parameter] = ()
+    ) -> None:
         """Replace every gradient by its mean over the ranks (one all-reduce; waits for the other ranks).
 
-        The gradients are copied into one flat buffer, all-reduced there and copied back. The buffer is made
-        at the first call and reused by every later one, so a step allocates nothing here.
+        The dense gradients are copied into one flat buffer, all-reduced there and copied back. The buffer
+        is made at the first call and reused by every later one, so a step allocates nothing here. Sparse
+        gradients (lazy Adam's item tables) are gathered instead (:meth:`_average_sparse`).
 
         Parameters
         ----------
         parameters : iterable of torch.nn.Parameter
             The model's parameters, after ``backward()``; each must have a gradient, and every call must
             pass the same parameters.
+        sparse : iterable of torch.nn.Parameter
+            Those of ``parameters`` whose gradients are sparse COO tensors (the same on every rank and call).
 
         Raises
         ------
         ValueError
-            The parameters hold more or fewer elements than at the first call.
+            The dense parameters hold more or fewer elements than at the first call.
         """
         if not self.distributed:
             return
-        params = list(parameters)
+        sparse = list(sparse)
+        lazy = {id(p) for p in sparse}
+        params = [p for p in parameters if id(p) not in lazy]
         sizes = [p.numel() for p in params]
         flat = self._gradient_buffer
         if flat is None:
@@ -244,6 +251,51 @@ class Replicas:
         if self.failure is None:
             for part, p in zip(parts, params):
                 p.grad.copy_(part.view_as(p.grad))
+        for p in sparse:
+            self._average_sparse(p)
+
+    def _average_sparse(self, p: torch.nn.Parameter) -> None:
+        """Replace ``p``'s sparse gradient by the mean over the ranks: every rank's rows, gathered.
+
+        The rows differ between ranks, so they cannot be summed in place as dense gradients are: each rank
+        coalesces its gradient, the ranks exchange their row counts (one all-gather of one number, read on
+        the host: a sync), then gather every rank's rows and values padded to the largest count, and each
+        builds the same uncoalesced gradient of all ranks' rows, in rank order, over the number of ranks
+        (the optimiser sums the repeats). A failed rank, or one without a gradient, sends no rows.
+        """
+        grad = p.grad
+        if self.failure is None and (grad is None or not grad.is_sparse):
+            # Kept, not raised: this rank still joins the gathers below (sending no rows), so the others do not
+            # wait for it; the next check raises everywhere.
+            what = "no gradient" if grad is None else "a dense gradient"
+            self._keep(ValueError(f"a lazy parameter of shape {tuple(p.shape)} has {what} after backward()"))
+        if self.failure is not None:
+            rows = torch.empty(0, dtype=torch.int64, device=p.device)
+            values = torch.empty((0, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        else:
+            grad = grad.coalesce()  # fewer rows to send; on CUDA a sync (the number of distinct rows)
+            rows, values = grad.indices()[0], grad.values()
+        count = torch.tensor([rows.numel()], dtype=torch.int64, device=p.device)
+        counts = [torch.empty_like(count) for _ in range(self.world_size)]
+        # Only the counts are held (see _hold): the step's gathers are always followed by the evaluation's and
+        # the stop agreement's collectives before the interpreter exits, and holding the gathered rows would
+        # keep a few steps' worth of them alive.
+        _hold(count, *counts)
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]  # host-device sync: the padded size of the next two gathers
+        longest = max(sizes)
+        padded_rows = torch.zeros(longest, dtype=torch.int64, device=p.device)
+        padded_values = torch.zeros((longest, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        padded_rows[: rows.numel()] = rows
+        padded_values[: rows.numel()] = values
+        all_rows = [torch.empty_like(padded_rows) for _ in range(self.world_size)]
+        all_values = [torch.empty_like(padded_values) for _ in range(self.world_size)]
+        dist.all_gather(all_rows, padded_rows)
+        dist.all_gather(all_values, padded_values)
+        if self.failure is None:
+            rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes)])
+            values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).div_(self.world_size)
+            p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape, check_invariants=False)
 
     def all_sum(self, tensor: torch.Tensor, what: str = "") -> None:
         """Replace ``tensor`` by its sum over the ranks, in place (waits for the other ranks).

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_ann.optim import LazyAdam
+
 N_FEATURES = 3  # w/n, sqrt(w/n), (w/n)**2 after the item columns
 
 
@@ -77,7 +79,12 @@ class FirstLayer(nn.Module):
         return torch.matmul(x[..., :n], self.item_table) + F.linear(x[..., n:], self.feature_weight)
 
     def bags(
-        self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, features: torch.Tensor
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor,
+        features: torch.Tensor,
+        sparse_grad: bool = False,
     ) -> torch.Tensor:
         """The layer on rows given as bags: equal to :meth:`forward` on the densified rows.
 
@@ -91,6 +98,9 @@ class FirstLayer(nn.Module):
             ``[total]`` per-sample weights ``v_k / w``.
         features : torch.Tensor
             ``[B, 3]`` count features.
+        sparse_grad : bool
+            Give :attr:`item_table` a sparse gradient holding only the rows in ``indices`` (for
+            :class:`gpu_ann.optim.LazyAdam`), instead of a dense ``[n_items, embedding_dim]`` one.
 
         Returns
         -------
@@ -99,7 +109,13 @@ class FirstLayer(nn.Module):
         """
         table = self.item_table
         items = F.embedding_bag(
-            indices, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype), include_last_offset=True
+            indices,
+            table,
+            offsets,
+            mode="sum",
+            per_sample_weights=weights.to(table.dtype),
+            include_last_offset=True,
+            sparse=sparse_grad,
         )
         return items + F.linear(features.to(self.feature_weight.dtype), self.feature_weight)
 
@@ -179,7 +195,12 @@ class CandidateGenerator(nn.Module):
         return self.mlp(self.embed(x))
 
     def hidden_bags(
-        self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, features: torch.Tensor
+        self,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        weights: torch.Tensor,
+        features: torch.Tensor,
+        sparse_grad: bool = False,
     ) -> torch.Tensor:
         """The last hidden layer for rows given as bags (``gpu_ann.bags.BagAssembler``).
 
@@ -187,13 +208,15 @@ class CandidateGenerator(nn.Module):
         ----------
         indices, offsets, weights, features : torch.Tensor
             The first four fields of a ``gpu_ann.bags.Bags`` batch (see :meth:`FirstLayer.bags`).
+        sparse_grad : bool
+            A sparse gradient for the item table (see :meth:`FirstLayer.bags`).
 
         Returns
         -------
         torch.Tensor
             ``[B, h2]``, equal to :meth:`hidden` on the densified rows.
         """
-        return self.mlp(self.embed.bags(indices, offsets, weights, features))
+        return self.mlp(self.embed.bags(indices, offsets, weights, features, sparse_grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the items for a batch of input rows.
@@ -243,22 +266,30 @@ class CandidateGenerator(nn.Module):
         model.load_state_dict(ckpt.model_state)
         return model.to(device).eval()
 
-    def configure_optimizer(self, lr: float = 1e-3) -> torch.optim.Optimizer:
-        """Adam with the seed's settings (betas 0.9 / 0.999).
+    def configure_optimizer(self, lr: float = 1e-3, lazy: tuple[str, ...] = ()) -> torch.optim.Optimizer | LazyAdam:
+        """Adam with the seed's settings (betas 0.9 / 0.999), or lazy Adam for the item tables.
 
-        Its ``load_state_dict`` also takes the state of a run saved with the older one-matrix first layer
-        (the moments of that matrix are split as the weights are).
+        Plain Adam's ``load_state_dict`` also takes the state of a run saved with the older one-matrix first
+        layer (the moments of that matrix are split as the weights are).
 
         Parameters
         ----------
         lr : float
             Learning rate.
+        lazy : tuple of str
+            Parameters to update lazily (only the rows of each step's sparse gradient,
+            :class:`gpu_ann.optim.LazyAdam`); their gradients must be sparse, which
+            ``forward_bags(..., sparse_grad=True)`` makes the item table's and
+            ``gpu_ann.sampled.sampled_softmax_loss(..., sparse_grad=True)`` the output layer's
+            (:func:`gpu_ann.optim.lazy_parameter_names` names them for a path and a softmax). Empty: plain Adam.
 
         Returns
         -------
-        torch.optim.Adam
+        torch.optim.Adam or gpu_ann.optim.LazyAdam
             An optimiser over all of the model's parameters.
         """
+        if lazy:
+            return LazyAdam(self.named_parameters(), lazy, lr=lr, betas=(0.9, 0.999))
         optimizer = torch.optim.Adam(self.parameters(), lr=lr, betas=(0.9, 0.999))
         optimizer.register_load_state_dict_pre_hook(self._split_old_first_layer_state)
         return optimizer

@@ -20,7 +20,7 @@ PRECISIONS = ("fp32", "bf16")
 SOFTMAXES = ("full", "sampled")
 
 
-def hidden_and_labels(model: CandidateGenerator, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_and_labels(model: CandidateGenerator, batch, sparse_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The last hidden layer of a dense ``(X, y)`` batch or of :class:`~gpu_ann.bags.Bags`, and its labels.
 
     Parameters
@@ -29,6 +29,8 @@ def hidden_and_labels(model: CandidateGenerator, batch) -> tuple[torch.Tensor, t
         The model.
     batch : gpu_ann.loader.Batch or gpu_ann.bags.Bags
         What a :class:`~gpu_ann.loader.BatchLoader` yields on either path.
+    sparse_grad : bool
+        On the sparse path, a sparse gradient for the item table (the dense path's is always dense).
 
     Returns
     -------
@@ -36,7 +38,7 @@ def hidden_and_labels(model: CandidateGenerator, batch) -> tuple[torch.Tensor, t
         ``[B, h2]`` and the ``[B]`` int64 target items.
     """
     if isinstance(batch, Bags):
-        return model.hidden_bags(batch.indices, batch.offsets, batch.weights, batch.features), batch.labels
+        return model.hidden_bags(batch.indices, batch.offsets, batch.weights, batch.features, sparse_grad), batch.labels
     X, y = batch
     return model.hidden(X), y
 
@@ -57,11 +59,17 @@ class Objective:
     compile : bool
         Wrap the loss computation in ``torch.compile`` (compiled on first use; the sparse path's batches
         vary in total bag length, so it is compiled with dynamic shapes).
+    sparse_grad : bool
+        Sparse gradients wherever a step reads only some rows of an item table: the first layer's on the
+        sparse path, the output layer's (weight and bias) under the sampled softmax. The optimiser must
+        then be :class:`gpu_ann.optim.LazyAdam` over exactly those
+        (:func:`gpu_ann.optim.lazy_parameter_names`).
 
     Raises
     ------
     ValueError
-        An unknown ``precision``.
+        An unknown ``precision``, or ``compile`` with ``sparse_grad`` (torch.compile does not trace
+        ``embedding_bag``'s sparse gradient).
     """
 
     def __init__(
@@ -70,12 +78,16 @@ class Objective:
         sampler: NegativeSampler | None = None,
         precision: str = "fp32",
         compile: bool = False,
+        sparse_grad: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: expected one of {PRECISIONS}")
+        if compile and sparse_grad:
+            raise ValueError("compile and sparse_grad cannot be combined: torch.compile fails on sparse gradients")
         self.model = model
         self.sampler = sampler
         self.precision = precision
+        self.sparse_grad = sparse_grad
         self._device_type = next(model.parameters()).device.type
         self._loss = torch.compile(self._eager_loss, dynamic=True) if compile else self._eager_loss
 
@@ -86,11 +98,11 @@ class Objective:
         return torch.autocast(self._device_type, dtype=torch.bfloat16)
 
     def _eager_loss(self, batch, negatives, log_q) -> torch.Tensor:
-        h, y = hidden_and_labels(self.model, batch)
+        h, y = hidden_and_labels(self.model, batch, self.sparse_grad)
         out = self.model.out
         if negatives is None:
             return F.cross_entropy(out(h).float(), y)
-        return sampled_softmax_loss(h, out.weight, out.bias, y, negatives, log_q)
+        return sampled_softmax_loss(h, out.weight, out.bias, y, negatives, log_q, sparse_grad=self.sparse_grad)
 
     def loss(self, batch) -> torch.Tensor:
         """The mean training loss of one batch (a scalar on the device; nothing is read back).

@@ -14,8 +14,16 @@ What is counted (fp32 master weights; ``P`` parameters, ``B`` batch rows, ``n`` 
     batch          dense: X [B, n + 3] in the batch dtype + y int64; sparse: B x max_row_length bag
                    indices (int64) and weights (float32), offsets, features [B, 3], y
     parameters     P x 4;  gradients  P x 4;  optimizer  Adam: 2 P x 4 (SGD: 0)
-    gradient_buffer  torchrun (W > 1): the flat P x 4 buffer the gradients are all-reduced in
-    optimizer_step Adam's temporaries: on CUDA (foreach) one tensor of P; on the CPU 2 x the largest
+                   lazy Adam: the item tables' gradients are sparse, R rows of d values and an int64
+                   index each: one row per bag entry of the first layer's (sparse path; B x the mean bag
+                   length of a sample, at most B x max_row_length), B + k of the output layer's weight
+                   and bias (sampled softmax); the moments stay dense, 2 P x 4
+    gradient_buffer  torchrun (W > 1): the flat P x 4 buffer the gradients are all-reduced in; lazy Adam:
+                   the dense ones only, and every rank's sparse rows gathered, 2 W R (d x 4 + 8)
+    optimizer_step Adam's temporaries: on CUDA (foreach) one tensor of P; on the CPU 2 x the largest;
+                   lazy Adam: those of the dense parameters, or for the largest sparse table its coalesced
+                   gradient and SparseAdam's five U x d arrays, if larger (U = min(W R, n) distinct rows:
+                   under torchrun the step sees every rank's rows)
     activations    saved hidden layers and their gradients, 2 B (h0 + 2 h1 + 2 h2) x 4; sparse: + 24 B L
     logits         full: 3 B n x 4 (logits, log-softmax, gradient); sampled: 3 B (k + 1) x 4, the mask,
                    and the gathered output rows and their gradient, 2 (B + k) h2 x 4; bf16 on CUDA: + the
@@ -34,6 +42,7 @@ interpreter and the host copy of the data) are not counted: leave headroom in th
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -189,6 +198,7 @@ def estimate(
     precision: str = "fp32",
     world_size: int = 1,
     epoch_samples: int | None = None,
+    mean_bag_length: float | None = None,
 ) -> MemoryPlan:
     """Estimate the device bytes of training :class:`~gpu_ann.model.CandidateGenerator` with these settings.
 
@@ -217,8 +227,9 @@ def estimate(
     max_row_length : int, optional
         The longest user row (the sparse path's bag buffer holds ``batch_size`` of them); required for
         ``path="sparse"``.
-    optimizer : {"adam", "sgd"}
-        Adam keeps two moments per parameter, plain SGD none.
+    optimizer : {"adam", "lazy-adam", "sgd"}
+        Adam keeps two moments per parameter, plain SGD none; ``"lazy-adam"`` (:mod:`gpu_ann.optim`) keeps
+        Adam's moments but gives the item tables a step reads only rows of sparse gradients.
     device : {"cuda", "cpu"}
         Decides the size of Adam's step temporaries (foreach on CUDA, per tensor on the CPU).
     values : bool
@@ -236,6 +247,10 @@ def estimate(
     epoch_samples : int, optional
         Samples in this rank's epoch order (default ``ceil(n_samples / world_size)``; under
         ``--shard-users`` the largest rank's count).
+    mean_bag_length : float, optional
+        The expected bag length of a training sample (``gpu_ann.bags.row_statistics``): with
+        ``"lazy-adam"`` on the sparse path, the item table's sparse gradient holds about ``batch_size``
+        times as many rows. Default ``max_row_length``, the bound.
 
     Returns
     -------
@@ -246,12 +261,13 @@ def estimate(
     ValueError
         An unknown ``path``, ``softmax``, ``optimizer``, ``device`` or ``precision``; a size below 1 (0
         allowed for ``nnz``, ``n_samples``, ``n_eval_samples``, ``epoch_samples``); ``negatives`` missing
-        for the sampled softmax, or ``max_row_length`` missing for the sparse path.
+        for the sampled softmax, ``max_row_length`` missing for the sparse path, or ``"lazy-adam"`` with
+        the dense path and the full softmax (no sparse gradient).
     """
     settings = dict(locals())  # the arguments, for check() to re-estimate with other settings
     _check_choice("path", path, ("dense", "sparse"))
     _check_choice("softmax", softmax, ("full", "sampled"))
-    _check_choice("optimizer", optimizer, ("adam", "sgd"))
+    _check_choice("optimizer", optimizer, ("adam", "lazy-adam", "sgd"))
     _check_choice("device", device, ("cuda", "cpu"))
     _check_choice("precision", precision, ("fp32", "bf16"))
     counts = (nnz, n_samples, n_eval_samples, epoch_samples or 0)
@@ -289,15 +305,35 @@ def estimate(
     shapes = [(n + 3, h0), (h0, h1), (h1,), (h1, h2), (h2,), (h2, n), (n,)]
     sizes = [_numel(s) for s in shapes]
     P = sum(sizes)
-    parameters = gradients = P * f32
-    gradient_buffer = P * f32 if world_size > 1 else 0  # Replicas.average_gradients' flat buffer, made once
-    optimizer_bytes = 2 * P * f32 if optimizer == "adam" else 0
+    parameters = P * f32
+    optimizer_bytes = 0 if optimizer == "sgd" else 2 * P * f32
+    # lazy Adam: (rows, width) of each sparse gradient, and the dense parameters' sizes without those tables.
+    lazy, dense_sizes = [], list(sizes)
+    if optimizer == "lazy-adam":
+        if path == "sparse":
+            # One gradient row per bag entry, repeats not merged: a batch's total, about B x the mean bag.
+            mean = max_row_length if mean_bag_length is None else min(mean_bag_length, max_row_length)
+            lazy.append((math.ceil(B * mean), h0))
+            dense_sizes[0] = 3 * h0  # of the first layer only the count features' weight
+        if softmax == "sampled":
+            lazy += [(B + negatives, h2), (B + negatives, 1)]  # the output layer's weight and bias
+            dense_sizes[-2:] = []
+        if not lazy:
+            raise ValueError("optimizer 'lazy-adam' needs path 'sparse' or softmax 'sampled' (no sparse gradient)")
+    sparse_rows = sum(rows * (d * f32 + i64) for rows, d in lazy)
+    gradients = sum(dense_sizes) * f32 + sparse_rows
+    # torchrun: Replicas.average_gradients' flat buffer of the dense gradients, made once; the sparse ones
+    # are gathered from every rank (padded, then concatenated: twice W times one rank's rows).
+    gradient_buffer = sum(dense_sizes) * f32 + 2 * world_size * sparse_rows if world_size > 1 else 0
     if optimizer == "sgd":
         optimizer_step = 0
     elif device == "cuda":
-        optimizer_step = P * f32  # foreach Adam: sqrt of every second moment at once
+        optimizer_step = sum(dense_sizes) * f32  # foreach Adam: sqrt of every second moment at once
     else:
-        optimizer_step = 2 * max(sizes) * f32  # per-tensor Adam: sqrt, then the divided copy
+        optimizer_step = 2 * max(dense_sizes) * f32  # per-tensor Adam: sqrt, then the divided copy
+    if lazy:  # after Adam, SparseAdam: one table at a time, its gradient coalesced, then five [U, d] arrays
+        distinct = [(min(world_size * r, n), d) for r, d in lazy]  # every rank's rows, once averaged
+        optimizer_step = max(optimizer_step, max(u * (d * f32 + i64) + 5 * u * d * f32 for u, d in distinct))
 
     activations = 2 * B * (h0 + 2 * h1 + 2 * h2) * f32
     if path == "sparse":
@@ -347,8 +383,10 @@ def check(plan: MemoryPlan, budget_bytes: int, where: str = "the memory budget")
 
     Call it before allocating anything. The message names the estimate and its three largest terms,
     the limit and where it came from, then what would fit: the largest batch size (when one does), and
-    the estimate with ``--input sparse``, with ``--softmax sampled`` and with both (those the plan does
-    not use already; the sparse path is only tried when the plan's settings give ``max_row_length``).
+    the estimate with ``--input-path sparse``, with ``--softmax sampled`` and with both (those the plan
+    does not use already; the sparse path is only tried when the plan's settings give ``max_row_length``),
+    and with ``--optimizer lazy-adam`` when the plan uses Adam on the sparse path or the sampled softmax
+    and lazy Adam's estimate is the lower one (whether or not it then fits).
 
     Parameters
     ----------
@@ -384,11 +422,15 @@ def check(plan: MemoryPlan, budget_bytes: int, where: str = "the memory budget")
         k = s.get("negatives") or 1024
         options = []
         if s["path"] == "dense" and s.get("max_row_length"):
-            options.append(("--input sparse", {"path": "sparse"}))
+            options.append(("--input-path sparse", {"path": "sparse"}))
         if s["softmax"] == "full":
             options.append((f"--softmax sampled (with {k} negatives)", {"softmax": "sampled", "negatives": k}))
         if len(options) == 2:
             options.append(("both", {**options[0][1], **options[1][1]}))
+        if s.get("optimizer", "adam") == "adam" and (s["path"] == "sparse" or s["softmax"] == "sampled"):
+            # Only where it saves memory: with bags longer in all than the catalogue, a sparse gradient is larger.
+            if estimate(**{**s, "optimizer": "lazy-adam"}).total < plan.total:
+                options.append(("--optimizer lazy-adam", {"optimizer": "lazy-adam"}))
         for label, change in options:
             advice.append(f"{label} (est. {format_bytes(estimate(**{**s, **change}).total)})")
     if advice:

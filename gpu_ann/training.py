@@ -47,6 +47,7 @@ from gpu_ann.loader import BatchLoader
 from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
+from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names
 from gpu_ann.progress import stage
 from gpu_ann.run_directory import check_output_directory, staged_run_directory
 from gpu_ann.run_log import RunLog
@@ -92,6 +93,7 @@ def _check_choices(cfg: TrainConfig) -> None:
         ("input_path", cfg.input_path, ("auto", *PATHS)),
         ("softmax", cfg.softmax, SOFTMAXES),
         ("negative_sampling", cfg.negative_sampling, ("popularity", "uniform")),
+        ("optimizer", cfg.optimizer, OPTIMIZERS),
     ):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}: expected one of {choices}")
@@ -102,6 +104,21 @@ def _check_choices(cfg: TrainConfig) -> None:
         )
     if cfg.softmax == "sampled" and cfg.negatives < 1:
         raise ValueError(f"the sampled softmax needs --negatives >= 1, got {cfg.negatives}")
+    if cfg.optimizer == "lazy-adam":
+        if cfg.compile:
+            # torch 2.13's inductor fails on embedding_bag(sparse=True) (a shape broadcast error at compile time).
+            raise ValueError("--optimizer lazy-adam cannot be combined with --compile: torch.compile does not "
+                             "trace the sparse gradients lazy Adam steps on; drop one of the two")  # fmt: skip
+        if cfg.input_path == "dense" and cfg.softmax == "full":
+            raise ValueError(_NOTHING_LAZY.format(path="dense"))
+
+
+# Raised when the chosen path and softmax leave every gradient dense, so there is nothing to update lazily.
+_NOTHING_LAZY = (
+    "--optimizer lazy-adam updates lazily the item tables a step reads only rows of: the first layer's on "
+    "--input-path sparse, the output layer's under --softmax sampled. With the {path} input path and the full "
+    "softmax every gradient is dense: use --optimizer adam, --input-path sparse or --softmax sampled"
+)
 
 
 def _memory_plan(
@@ -136,6 +153,8 @@ def _memory_plan(
         moved = {p: step_bytes(table.n_items, stats, cfg.batch_size, p, embedding_dim=cfg.hidden[0],
                                input_bytes=input_bytes).moved for p in PATHS}  # fmt: skip
         path = "sparse" if moved["sparse"] < moved["dense"] else "dense"
+        if cfg.optimizer == "lazy-adam" and not lazy_parameter_names(path, cfg.softmax):
+            raise ValueError(_NOTHING_LAZY.format(path=f"{path} (chosen by --input-path auto: it moves fewer bytes)"))
     return planner.estimate(
         len(lengths),
         table.n_items,
@@ -156,6 +175,8 @@ def _memory_plan(
         precision=cfg.precision,
         world_size=replicas.world_size,
         epoch_samples=None if shard is None else shard.epoch_samples,
+        optimizer=cfg.optimizer,
+        mean_bag_length=stats[0],
     )
 
 
@@ -318,9 +339,12 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = CandidateGenerator(n_items, cfg.hidden).to(backend.torch_device)
-    optimizer = model.configure_optimizer(cfg.lr)
+    # lazy-adam: sparse gradients for the item tables a step reads only rows of, and lazy updates of those rows.
+    lazy = lazy_parameter_names(path, cfg.softmax) if cfg.optimizer == "lazy-adam" else ()
+    optimizer = model.configure_optimizer(cfg.lr, lazy)
+    lazy_params = [dict(model.named_parameters())[name] for name in lazy]  # their gradients are sparse
     sampler = _sampler(cfg, splits, n_items, backend.torch_device)
-    objective = Objective(model, sampler, cfg.precision, cfg.compile)
+    objective = Objective(model, sampler, cfg.precision, cfg.compile, sparse_grad=bool(lazy))
 
     run_dir = Path(cfg.out)
     data_fp, data_info = fingerprint(table), data_summary(table)
@@ -405,11 +429,15 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         totals = sums.tolist()  # host-device sync
         return {name: totals[2 * k] / totals[2 * k + 1] for k, name in enumerate(names)}
 
-    def evaluate(epoch: int, losses: dict[str, float], loss: torch.Tensor) -> bool:
-        """Rank 0: log losses, checkpoint an improvement; True when patience has run out."""
+    def evaluate(epoch: int, losses: dict[str, float], loss: torch.Tensor, trained_until: float) -> bool:
+        """Rank 0: log losses, checkpoint an improvement; True when patience has run out.
+
+        ``trained_until`` is when the steps since the last evaluation had finished on the device: the
+        throughput logged counts those steps only, not this evaluation or the last one's checkpoint writes.
+        """
         nonlocal best, bad_evals
         bar.set_postfix(loss=f"{loss.item():.3f}")  # the last step's loss; host-device sync, at log time only
-        samples_per_s = (step - since["step"]) * cfg.batch_size / (time.perf_counter() - since["time"])
+        samples_per_s = (step - since["step"]) * cfg.batch_size / (trained_until - since["time"])
         samples_per_s *= replicas.world_size
         if not math.isfinite(losses["validation"]):
             raise TrainingDiverged(
@@ -478,7 +506,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         batches = iter(loader)
         for _ in range(batch_in_epoch, len(loader)):  # the same count on every rank
             loss = replicas.attempt(train_step, batches)
-            replicas.average_gradients(model.parameters())  # waits for the other ranks (torchrun only)
+            replicas.average_gradients(model.parameters(), lazy_params)  # waits for the other ranks (torchrun only)
             replicas.attempt(optimizer.step)
             step += 1
             batch_in_epoch += 1
@@ -486,9 +514,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
             if cfg.replica_check_every and step % cfg.replica_check_every == 0:
                 replicas.check_identical(model.parameters(), step)
             if step % cfg.eval_every == 0 or step == max_steps:
+                backend.synchronize()  # host-device sync, at evaluation time only: the steps' end, for the throughput
+                trained_until = time.perf_counter()
                 losses = mean_losses(eval_sets)  # every rank joins; raises everywhere if a rank has failed
                 if replicas.is_main:
-                    stop = replicas.attempt(evaluate, epoch, losses, loss)
+                    stop = replicas.attempt(evaluate, epoch, losses, loss, trained_until)
                 stop = replicas.agree(stop, f" by step {step}")  # rank 0 decides for all, or everyone raises
             if stop or step >= max_steps:
                 stop = True

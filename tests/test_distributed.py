@@ -76,6 +76,37 @@ def test_gradients_are_averaged_in_one_buffer_made_once(tmp_path):
         assert len(set(got["pointers"])) == 1, got["pointers"]  # the same buffer at every step: no new one
 
 
+def _sparse_averaging_worker(rank: int) -> dict:
+    from gpu_ann.distributed import Replicas
+
+    replicas = Replicas("cpu")
+    table = torch.nn.Parameter(torch.zeros(6, 2))
+    dense = torch.nn.Parameter(torch.zeros(3))
+    # Rank 0 touches rows 1 (twice) and 4, rank 1 rows 4 and 5 (and rank 1 more rows: uneven counts).
+    rows = {0: [1, 4, 1], 1: [4, 5]}[rank]
+    values = torch.arange(1.0, 2 * len(rows) + 1).reshape(-1, 2) * (10 if rank else 1)
+    table.grad = torch.sparse_coo_tensor(torch.tensor([rows]), values, (6, 2), check_invariants=True)
+    dense.grad = torch.full((3,), float(rank + 1))
+    replicas.average_gradients([table, dense], sparse=[table])
+    return dict(
+        is_sparse=table.grad.is_sparse,
+        table=table.grad.to_dense().tolist(),
+        dense=dense.grad.tolist(),
+        buffer=replicas.gradient_buffer.numel(),
+    )
+
+
+def test_sparse_gradients_are_gathered_and_averaged(tmp_path):
+    # The mean over the ranks of the dense sums: rank 0 row 1 = [1, 2] + [5, 6], row 4 = [3, 4]; rank 1 row 4 =
+    # [10, 20], row 5 = [30, 40]; halved. Every rank gets the same gradient, sparse, and the dense one averaged.
+    want = [[0, 0], [3, 4], [0, 0], [0, 0], [6.5, 12], [15, 20]]
+    for got in run_two_ranks(_sparse_averaging_worker, tmp_path):
+        assert got["is_sparse"]
+        assert got["table"] == want
+        assert got["dense"] == [1.5, 1.5, 1.5]
+        assert got["buffer"] == 3  # the flat buffer holds the dense gradient only
+
+
 def _check_worker(rank: int, change: str) -> str:
     from gpu_ann.distributed import Replicas, ReplicasDiverged
 

@@ -27,6 +27,8 @@ def _train_worker(rank: int, out: str, case: str) -> tuple[str, str]:
         cfg = dataclasses.replace(cfg, memory_budget=1000)
     if case == "step, replica check":
         cfg = dataclasses.replace(cfg, replica_check_every=2)  # on both ranks: they must run the same collectives
+    if case == "step, lazy-adam":  # the sparse gradients' gathers: the failed rank sends no rows
+        cfg = dataclasses.replace(cfg, input_path="sparse", softmax="sampled", negatives=4, optimizer="lazy-adam")
     if case.startswith("step") and rank == 1:
         loss, calls = Objective.loss, []
 
@@ -59,6 +61,8 @@ def _train_worker(rank: int, out: str, case: str) -> tuple[str, str]:
         ("step", 1, "RuntimeError", " by step 5"),
         # ... or at the replica check of step 4, when there is one.
         ("step, replica check", 1, "RuntimeError", " by step 4"),
+        # ... and the same with lazy Adam, whose sparse gradients are gathered rather than all-reduced.
+        ("step, lazy-adam", 1, "RuntimeError", " by step 5"),
         # Rank 0's evaluation fails; rank 1 learns it in the stop agreement that follows.
         ("checkpoint", 0, "OSError", " by step 5"),
     ],

@@ -105,6 +105,19 @@ def test_sampled_softmax_on_cuda_repeats_bit_for_bit_and_beats_popularity(tmp_pa
     assert first.final_validation_loss < first.popularity_validation_loss - 0.5, first
 
 
+def test_lazy_adam_on_cuda_repeats_bit_for_bit_and_beats_popularity(tmp_path):
+    # Lazy Adam's sparse gradients on the device (embedding_bag's and the sampled rows' gathers), coalesced by
+    # SparseAdam: deterministic mode must still repeat a run exactly, and the run must learn.
+    t = clustered_table()
+    kw = dict(backend="cuda", input_path="sparse", softmax="sampled", negatives=16, optimizer="lazy-adam",
+              deterministic=True, max_steps=200, eval_every=200)  # fmt: skip
+    first = train(config(tmp_path, "first", **kw), t)
+    again = train(config(tmp_path, "again", **kw), t)
+    a, b = load_checkpoint(first.run_dir).model_state, load_checkpoint(again.run_dir).model_state
+    assert first.steps == again.steps == 200 and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.final_validation_loss < first.popularity_validation_loss - 0.5, first
+
+
 def matrix_with_edge_rows(n_users=400, n_items=700, density=0.03, seed=0):
     """(host CSR with float32 values, samples): user 0 has no items, user 1 has every item."""
     rng = np.random.default_rng(seed)

@@ -83,3 +83,19 @@ def test_rank_0_alone_replaces_an_earlier_run_whole_and_every_rank_refuses_forei
     # Both ranks refuse before joining any collective, so neither waits for the other.
     assert done.stderr.count(f"gpu-ann train: error: {out}: holds notes.txt, which a training run does not") == 2
     assert load_resume_state(out).step == 6
+
+
+def test_lazy_adam_two_ranks_stay_identical_and_match_one_process(tmp_path, data):
+    # The sparse gradients are gathered from both ranks (gpu_ann.distributed: Replicas._average_sparse): the
+    # replica check after every step holds the ranks to identical weights, and the run matches one process
+    # of the global batch, whose negatives are the same draws (every rank's sampler has the run's seed).
+    common = ["--max-steps", "10", "--eval-every", "5", "--lr", "0.01", "--input-path", "sparse", "--softmax",
+              "sampled", "--negatives", "6", "--optimizer", "lazy-adam"]  # fmt: skip
+    gpu_ann_train(tmp_path / "two", data, *common, "--batch-size", "8", "--replica-check-every", "1", nproc=2)
+    gpu_ann_train(tmp_path / "one", data, *common, "--batch-size", "16")
+    # last.pt: the weights after the last step (model.pt holds the best, which may be an earlier one).
+    a, b = load_resume_state(tmp_path / "one"), load_resume_state(tmp_path / "two")
+    assert a.step == b.step == 10 and load_checkpoint(tmp_path / "two").config["optimizer"] == "lazy-adam"
+    assert set(b.optimizer_state) == {"dense", "lazy", "lazy_names"}
+    for k, v in a.model_state.items():
+        torch.testing.assert_close(b.model_state[k], v, rtol=1e-4, atol=1e-6, msg=k)

@@ -1,0 +1,146 @@
+"""Adam with lazy updates of the item tables: the rows a step touched, not all ``n_items`` of them.
+
+On the sparse input path a batch reads a few thousand rows of the first layer's item table, and with the
+sampled softmax it reads ``B + k`` rows of the output layer; yet a dense gradient and dense Adam touch all
+``n_items`` rows of both, with their two moments, every step. At 10**6 items that was 0.76-0.89 s of a
+1.05 s step on the 2-core CPU machine (``bench/README.md``).
+
+``LazyAdam`` keeps plain Adam (``torch.optim.Adam``) for the dense layers and ``torch.optim.SparseAdam``
+for the tables whose gradients arrive sparse (``embedding_bag(sparse=True)``,
+:func:`gpu_ann.sampled.gather_rows`). SparseAdam updates a row and its moments only in the steps whose
+gradient holds that row: the "lazy Adam" of TensorFlow Addons. That is a different optimiser from Adam, not
+a faster version of it: under dense Adam a row the batch did not touch still moves (its first moment decays
+but is not zero), under lazy Adam it stays where it is. When every row appears in every step the two agree
+up to where ``eps`` sits (SparseAdam adds it to ``sqrt(v)`` before the bias correction); the tests hold it
+to both facts. The bias correction counts the table's steps, not the row's: a row first touched at a late
+step ``t`` has ``m = (1 - b1) g`` and ``v = (1 - b2) g**2`` with corrections near 1, so its first move is
+about ``lr (1 - b1) / sqrt(1 - b2)``, 3.2 lr at the default betas, where Adam's first step of a parameter is
+lr (TensorFlow's LazyAdam does the same). Rare items of a large catalogue meet exactly that case.
+
+On the GPU, SparseAdam coalesces each sparse gradient (sorts and merges repeated rows), and the number of
+distinct rows it finds decides the size of what follows: one host-device sync per lazy table per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+OPTIMIZERS = ("adam", "lazy-adam")
+
+
+class LazyAdam:
+    """Adam for dense parameters and SparseAdam for those with sparse gradients, stepped as one optimiser.
+
+    Parameters
+    ----------
+    named_parameters : iterable of (str, torch.nn.Parameter)
+        The model's parameters with their names (``model.named_parameters()``).
+    lazy : iterable of str
+        Names of the parameters whose gradients are sparse; every one must be among ``named_parameters``.
+    lr : float
+        Learning rate of both.
+    betas : tuple of two floats
+        Adam's moment decays, for both.
+    eps : float
+        Added to the square root of the second moment, for both.
+
+    Raises
+    ------
+    ValueError
+        A name in ``lazy`` that is not a parameter, or no lazy parameter at all.
+
+    Notes
+    -----
+    After ``backward()`` every lazy parameter must hold a sparse gradient (or none) and every other one a
+    dense gradient (or none); ``step`` raises otherwise (SparseAdam refuses a dense gradient).
+    """
+
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+        lazy: Iterable[str],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        named = dict(named_parameters)
+        lazy = tuple(lazy)
+        unknown = [name for name in lazy if name not in named]
+        if unknown:
+            raise ValueError(f"lazy parameters {unknown} are not among the model's {list(named)}")
+        if not lazy:
+            raise ValueError("LazyAdam needs at least one lazy parameter (use torch.optim.Adam otherwise)")
+        self.lazy_names = lazy
+        dense = [p for n, p in named.items() if n not in lazy]
+        # torch's optimisers refuse an empty parameter list: with every parameter lazy there is no Adam.
+        self.dense = torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps) if dense else None
+        self.sparse = torch.optim.SparseAdam([named[n] for n in lazy], lr=lr, betas=betas, eps=eps)
+        self._parts = [o for o in (self.dense, self.sparse) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The dense optimiser's groups, then the sparse one's (``lr`` and the other settings of each)."""
+        return [group for o in self._parts for group in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every parameter's gradient (``None`` by default, as ``torch.optim.Optimizer``)."""
+        for o in self._parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """One update: Adam on the dense parameters, SparseAdam on the rows each sparse gradient holds."""
+        # CUDA: SparseAdam syncs with the host once per table (coalesce learns how many rows there are).
+        for o in self._parts:
+            o.step()
+
+    def state_dict(self) -> dict:
+        """Both optimisers' states, as ``{"dense": ..., "lazy": ..., "lazy_names": [...]}`` (``dense`` may be None)."""
+        dense = None if self.dense is None else self.dense.state_dict()
+        return {"dense": dense, "lazy": self.sparse.state_dict(), "lazy_names": list(self.lazy_names)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises
+        ------
+        ValueError
+            ``state`` is not a ``LazyAdam`` state (e.g. plain Adam's) or names other lazy parameters.
+        """
+        if not isinstance(state, dict) or set(state) != {"dense", "lazy", "lazy_names"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"not a lazy-adam optimiser state (keys {keys}): was the run trained with --optimizer adam?"
+            )
+        if list(state["lazy_names"]) != list(self.lazy_names):
+            raise ValueError(
+                f"the saved lazy-adam state updates {list(state['lazy_names'])} lazily, "
+                f"this run {list(self.lazy_names)}"
+            )
+        if (state["dense"] is None) != (self.dense is None):
+            raise ValueError("the saved lazy-adam state and this optimiser disagree on whether any parameter is dense")
+        if self.dense is not None:
+            self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["lazy"])
+
+
+def lazy_parameter_names(path: str, softmax: str) -> tuple[str, ...]:
+    """The parameters whose gradients a step makes sparse for an input path and a softmax.
+
+    Parameters
+    ----------
+    path : {"dense", "sparse"}
+        The sparse path reads the first layer's item table with ``embedding_bag``; the dense path
+        multiplies the whole table.
+    softmax : {"full", "sampled"}
+        The sampled softmax gathers the output layer's rows of the targets and the negatives; the full
+        softmax computes every item's logit.
+
+    Returns
+    -------
+    tuple of str
+        Parameter names of :class:`~gpu_ann.model.CandidateGenerator`; empty when every gradient is dense.
+    """
+    names = ("embed.item_table",) if path == "sparse" else ()
+    return names + (("out.weight", "out.bias") if softmax == "sampled" else ())
