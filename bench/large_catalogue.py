@@ -133,9 +133,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        default="lazy-adam",
-        help="lazy-adam (default): sparse gradients and lazy Adam updates of the item tables' rows a step touches; "
-        "adam: dense gradients and Adam over every row, every step",
+        default="auto",
+        help="auto (default, as gpu-ann train): lazy-adam for the item tables whose step reads fewer rows than "
+        "they have (here both); lazy-adam: sparse gradients and lazy Adam updates of the item tables' rows a step "
+        "touches; adam: dense gradients and Adam over every row, every step",
     )
     p.add_argument(
         "--dense-steps",

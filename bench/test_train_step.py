@@ -160,7 +160,7 @@ def test_train_step(benchmark, backend, matmul_peak, train_case, request):
         # Dynamo keeps one cache per code object, shared by every Objective: start each compiled variant
         # afresh, or after its recompile limit it would silently run eagerly.
         torch._dynamo.reset()
-    objective = Objective(model, sampler, case.dtype, compile=case.compiled, sparse_grad=bool(lazy))
+    objective = Objective(model, sampler, case.dtype, compile=case.compiled, sparse_grad=lazy)
 
     def step(i):
         loss = objective.loss(asm.assemble(batches[i % N_BATCHES]))

@@ -279,7 +279,7 @@ class CandidateGenerator(nn.Module):
         lazy : tuple of str
             Parameters to update lazily (only the rows of each step's sparse gradient,
             :class:`gpu_ann.optim.LazyAdam`); their gradients must be sparse, which
-            ``forward_bags(..., sparse_grad=True)`` makes the item table's and
+            ``hidden_bags(..., sparse_grad=True)`` makes the item table's and
             ``gpu_ann.sampled.sampled_softmax_loss(..., sparse_grad=True)`` the output layer's
             (:func:`gpu_ann.optim.lazy_parameter_names` names them for a path and a softmax). Empty: plain Adam.
 

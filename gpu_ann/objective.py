@@ -8,6 +8,7 @@ full softmax (:meth:`Objective.summed_cross_entropy`), whatever the training los
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +60,11 @@ class Objective:
     compile : bool
         Wrap the loss computation in ``torch.compile`` (compiled on first use; the sparse path's batches
         vary in total bag length, so it is compiled with dynamic shapes).
-    sparse_grad : bool
-        Sparse gradients wherever a step reads only some rows of an item table: the first layer's on the
-        sparse path, the output layer's (weight and bias) under the sampled softmax. The optimiser must
-        then be :class:`gpu_ann.optim.LazyAdam` over exactly those
-        (:func:`gpu_ann.optim.lazy_parameter_names`).
+    sparse_grad : collection of str
+        Parameters to give sparse gradients, among those a step reads only some rows of: the first layer's
+        item table on the sparse path (``"embed.item_table"``), the output layer under the sampled softmax
+        (``"out.weight"`` and ``"out.bias"``, together). The optimiser must then be
+        :class:`gpu_ann.optim.LazyAdam` over exactly those (:func:`gpu_ann.optim.lazy_tables`).
 
     Raises
     ------
@@ -78,7 +79,7 @@ class Objective:
         sampler: NegativeSampler | None = None,
         precision: str = "fp32",
         compile: bool = False,
-        sparse_grad: bool = False,
+        sparse_grad: Collection[str] = (),
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: expected one of {PRECISIONS}")
@@ -87,7 +88,9 @@ class Objective:
         self.model = model
         self.sampler = sampler
         self.precision = precision
-        self.sparse_grad = sparse_grad
+        self.sparse_grad = tuple(sparse_grad)
+        self._sparse_items = "embed.item_table" in self.sparse_grad
+        self._sparse_out = "out.weight" in self.sparse_grad
         self._device_type = next(model.parameters()).device.type
         self._loss = torch.compile(self._eager_loss, dynamic=True) if compile else self._eager_loss
 
@@ -98,11 +101,11 @@ class Objective:
         return torch.autocast(self._device_type, dtype=torch.bfloat16)
 
     def _eager_loss(self, batch, negatives, log_q) -> torch.Tensor:
-        h, y = hidden_and_labels(self.model, batch, self.sparse_grad)
+        h, y = hidden_and_labels(self.model, batch, self._sparse_items)
         out = self.model.out
         if negatives is None:
             return F.cross_entropy(out(h).float(), y)
-        return sampled_softmax_loss(h, out.weight, out.bias, y, negatives, log_q, sparse_grad=self.sparse_grad)
+        return sampled_softmax_loss(h, out.weight, out.bias, y, negatives, log_q, sparse_grad=self._sparse_out)
 
     def loss(self, batch) -> torch.Tensor:
         """The mean training loss of one batch (a scalar on the device; nothing is read back).

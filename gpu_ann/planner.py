@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gpu_ann.optim import lazy_tables
+
 MEMINFO = "/proc/meminfo"
 
 _LABELS = {
@@ -227,9 +229,10 @@ def estimate(
     max_row_length : int, optional
         The longest user row (the sparse path's bag buffer holds ``batch_size`` of them); required for
         ``path="sparse"``.
-    optimizer : {"adam", "lazy-adam", "sgd"}
+    optimizer : {"adam", "lazy-adam", "auto", "sgd"}
         Adam keeps two moments per parameter, plain SGD none; ``"lazy-adam"`` (:mod:`gpu_ann.optim`) keeps
-        Adam's moments but gives the item tables a step reads only rows of sparse gradients.
+        Adam's moments but gives the item tables a step reads only rows of sparse gradients, ``"auto"``
+        those of them whose sparse gradient has fewer rows than the table (:func:`gpu_ann.optim.lazy_tables`).
     device : {"cuda", "cpu"}
         Decides the size of Adam's step temporaries (foreach on CUDA, per tensor on the CPU).
     values : bool
@@ -267,7 +270,7 @@ def estimate(
     settings = dict(locals())  # the arguments, for check() to re-estimate with other settings
     _check_choice("path", path, ("dense", "sparse"))
     _check_choice("softmax", softmax, ("full", "sampled"))
-    _check_choice("optimizer", optimizer, ("adam", "lazy-adam", "sgd"))
+    _check_choice("optimizer", optimizer, ("auto", "adam", "lazy-adam", "sgd"))
     _check_choice("device", device, ("cuda", "cpu"))
     _check_choice("precision", precision, ("fp32", "bf16"))
     counts = (nnz, n_samples, n_eval_samples, epoch_samples or 0)
@@ -309,17 +312,18 @@ def estimate(
     optimizer_bytes = 0 if optimizer == "sgd" else 2 * P * f32
     # lazy Adam: (rows, width) of each sparse gradient, and the dense parameters' sizes without those tables.
     lazy, dense_sizes = [], list(sizes)
-    if optimizer == "lazy-adam":
-        if path == "sparse":
+    if optimizer in ("auto", "lazy-adam"):
+        mean = max_row_length if mean_bag_length is None else min(mean_bag_length, max_row_length or 0)
+        names = lazy_tables(optimizer, path, softmax, n, B, mean or 0.0, negatives or 0)
+        if optimizer == "lazy-adam" and not names:
+            raise ValueError("optimizer 'lazy-adam' needs path 'sparse' or softmax 'sampled' (no sparse gradient)")
+        if "embed.item_table" in names:
             # One gradient row per bag entry, repeats not merged: a batch's total, about B x the mean bag.
-            mean = max_row_length if mean_bag_length is None else min(mean_bag_length, max_row_length)
             lazy.append((math.ceil(B * mean), h0))
             dense_sizes[0] = 3 * h0  # of the first layer only the count features' weight
-        if softmax == "sampled":
+        if "out.weight" in names:
             lazy += [(B + negatives, h2), (B + negatives, 1)]  # the output layer's weight and bias
             dense_sizes[-2:] = []
-        if not lazy:
-            raise ValueError("optimizer 'lazy-adam' needs path 'sparse' or softmax 'sampled' (no sparse gradient)")
     sparse_rows = sum(rows * (d * f32 + i64) for rows, d in lazy)
     gradients = sum(dense_sizes) * f32 + sparse_rows
     # torchrun: Replicas.average_gradients' flat buffer of the dense gradients, made once; the sparse ones
@@ -427,7 +431,7 @@ def check(plan: MemoryPlan, budget_bytes: int, where: str = "the memory budget")
             options.append((f"--softmax sampled (with {k} negatives)", {"softmax": "sampled", "negatives": k}))
         if len(options) == 2:
             options.append(("both", {**options[0][1], **options[1][1]}))
-        if s.get("optimizer", "adam") == "adam" and (s["path"] == "sparse" or s["softmax"] == "sampled"):
+        if s.get("optimizer", "adam") in ("adam", "auto") and (s["path"] == "sparse" or s["softmax"] == "sampled"):
             # Only where it saves memory: with bags longer in all than the catalogue, a sparse gradient is larger.
             if estimate(**{**s, "optimizer": "lazy-adam"}).total < plan.total:
                 options.append(("--optimizer lazy-adam", {"optimizer": "lazy-adam"}))

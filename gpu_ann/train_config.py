@@ -46,11 +46,13 @@ class TrainConfig:
         Hidden layer widths of :class:`gpu_ann.CandidateGenerator`.
     lr : float
         Adam learning rate.
-    optimizer : {"adam", "lazy-adam"}
+    optimizer : {"auto", "adam", "lazy-adam"}
         ``"lazy-adam"``: Adam for the dense layers, and for the item tables a step reads only rows of (the
         first layer's on the sparse input path, the output layer's under the sampled softmax) sparse
-        gradients and SparseAdam, which updates only the rows each step touched (:mod:`gpu_ann.optim`).
-        Needs one of those two; not with ``compile``.
+        gradients and SparseAdam, which updates only the rows each step touched (:mod:`gpu_ann.optim`);
+        needs one of those two, not with ``compile``. ``"auto"``: lazy for those of the two tables whose
+        step reads fewer rows than the table has (:func:`gpu_ann.optim.lazy_tables`), Adam for the rest
+        and for everything under ``compile``; with the dense path and the full softmax, plain Adam.
     batch_size : int
         Samples per training and evaluation batch.
     sampling : {"epoch", "replacement"}
@@ -124,7 +126,7 @@ class TrainConfig:
     input_values: str = "implicit"  # implicit | rating | residual (gpu_ann.values)
     hidden: tuple[int, int, int] = (256, 512, 256)
     lr: float = 1e-2
-    optimizer: str = "adam"  # adam | lazy-adam: sparse gradients and lazy updates for the item tables
+    optimizer: str = "auto"  # auto | adam | lazy-adam: sparse gradients and lazy updates for the item tables
     batch_size: int = 1024
     sampling: str = "epoch"  # "epoch": shuffled, each sample once per epoch; "replacement": the seed's
     # evaluation and stopping

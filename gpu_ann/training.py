@@ -47,7 +47,7 @@ from gpu_ann.loader import BatchLoader
 from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
-from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names
+from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names, lazy_tables
 from gpu_ann.progress import stage
 from gpu_ann.run_directory import check_output_directory, staged_run_directory
 from gpu_ann.run_log import RunLog
@@ -126,9 +126,11 @@ def _memory_plan(
 ) -> planner.MemoryPlan:
     """The planner's estimate for this rank, with the input path chosen (``cfg.input_path`` or the cheaper one).
 
-    Host arithmetic on sizes only. Under ``--shard-users`` the sizes are this rank's.
+    Host arithmetic on sizes only. Under ``--shard-users`` the sizes are this rank's, but what every rank must
+    decide alike (the input path, which tables lazy Adam updates) is decided on the whole matrix's rows.
     """
     inputs = np.isin(assignment, (TRAIN, FOLD_IN))  # the input matrix: training and fold-in rows
+    overall = row_statistics(np.bincount(table.user[inputs], minlength=table.n_users))  # the same on every rank
     if shard is not None:
         inputs &= shard.owns(table.user)
     lengths = np.bincount(table.user[inputs], minlength=table.n_users)
@@ -150,7 +152,7 @@ def _memory_plan(
     input_bytes = 2 if cfg.precision == "bf16" else 4
     path = cfg.input_path
     if path == "auto":
-        moved = {p: step_bytes(table.n_items, stats, cfg.batch_size, p, embedding_dim=cfg.hidden[0],
+        moved = {p: step_bytes(table.n_items, overall, cfg.batch_size, p, embedding_dim=cfg.hidden[0],
                                input_bytes=input_bytes).moved for p in PATHS}  # fmt: skip
         path = "sparse" if moved["sparse"] < moved["dense"] else "dense"
         if cfg.optimizer == "lazy-adam" and not lazy_parameter_names(path, cfg.softmax):
@@ -175,28 +177,37 @@ def _memory_plan(
         precision=cfg.precision,
         world_size=replicas.world_size,
         epoch_samples=None if shard is None else shard.epoch_samples,
-        optimizer=cfg.optimizer,
-        mean_bag_length=stats[0],
+        # compile traces no sparse gradient: auto then means Adam (lazy-adam with compile is refused before).
+        optimizer="adam" if cfg.compile else cfg.optimizer,
+        mean_bag_length=overall[0],
     )
 
 
-def _plan(cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard) -> str:
-    """Choose the input path and refuse, before anything is allocated, a run that cannot fit the device.
+def _plan(
+    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard
+) -> tuple[str, tuple[str, ...]]:
+    """Choose the input path and the lazily updated tables; refuse, before anything is allocated, a run that
+    cannot fit the device.
 
-    Returns the input path. Everything here is host arithmetic on sizes (and one query of the device's
-    free memory, a sync, when no budget is given).
+    Returns the input path and the parameters lazy Adam updates (:func:`gpu_ann.optim.lazy_tables`; empty for
+    plain Adam). Everything here is host arithmetic on sizes (and one query of the device's free memory, a
+    sync, when no budget is given).
     """
     plan = _memory_plan(cfg, table, splits, assignment, backend, replicas, shard)
-    path = plan.settings["path"]
+    s = plan.settings
+    path = s["path"]
+    lazy = lazy_tables(cfg.optimizer, path, cfg.softmax, table.n_items, cfg.batch_size, s["mean_bag_length"],
+                       cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile)  # fmt: skip
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:
         budget = int(0.9 * planner.device_budget(backend))  # host-device sync on CUDA, once
         where = f"90% of the memory free on {backend.torch_device}"
     planner.check(plan, budget, where)
-    log.info("input path %s, softmax %s; estimated memory %s of %s", path, cfg.softmax,
+    updates = f"lazy Adam for {', '.join(lazy)}" if lazy else "Adam"
+    log.info("input path %s, softmax %s, %s; estimated memory %s of %s", path, cfg.softmax, updates,
              planner.format_bytes(plan.total), planner.format_bytes(budget))  # fmt: skip
-    return path
+    return path, lazy
 
 
 def _shard(cfg: TrainConfig, splits, n_users: int, replicas: Replicas) -> UserShard | None:
@@ -300,8 +311,9 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     # Every rank checks its own plan (sizes and free memory differ between ranks), and they agree on the
     # outcome before any other collective: a rank that does not fit stops the others too, rather than
     # leaving them waiting for it in the first gradient all-reduce.
-    path = replicas.attempt(_plan, cfg, table, splits, assignment, backend, replicas, shard)
+    planned = replicas.attempt(_plan, cfg, table, splits, assignment, backend, replicas, shard)
     replicas.settle(" in its memory plan")
+    path, lazy = planned
 
     with stage(f"building the matrix on {backend.name}"):
         # Training plus fold-in rows (only training rows give examples), valued as the input mode says.
@@ -339,12 +351,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = CandidateGenerator(n_items, cfg.hidden).to(backend.torch_device)
-    # lazy-adam: sparse gradients for the item tables a step reads only rows of, and lazy updates of those rows.
-    lazy = lazy_parameter_names(path, cfg.softmax) if cfg.optimizer == "lazy-adam" else ()
+    # Lazy Adam (lazy_tables, in _plan): sparse gradients for those item tables, and updates of the rows touched.
     optimizer = model.configure_optimizer(cfg.lr, lazy)
     lazy_params = [dict(model.named_parameters())[name] for name in lazy]  # their gradients are sparse
     sampler = _sampler(cfg, splits, n_items, backend.torch_device)
-    objective = Objective(model, sampler, cfg.precision, cfg.compile, sparse_grad=bool(lazy))
+    objective = Objective(model, sampler, cfg.precision, cfg.compile, sparse_grad=lazy)
 
     run_dir = Path(cfg.out)
     data_fp, data_info = fingerprint(table), data_summary(table)
@@ -594,5 +605,6 @@ def resume_run(run_dir: str | Path) -> TrainResult:
     del best_weights
     # TOML-free round trip: the saved dict holds lists where the config has tuples.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in state.config.items()}
+    values.setdefault("optimizer", "adam")  # runs saved before --optimizer existed trained with Adam
     cfg = dataclasses.replace(TrainConfig(**values), out=str(run_dir))
     return train(cfg, table, resume=(state, assignment))

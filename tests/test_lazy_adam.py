@@ -201,8 +201,9 @@ def test_objective_steps_with_lazy_adam_touch_only_the_rows_read(precision):
     model = CandidateGenerator(n, (4, 6, 4))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sampler = NegativeSampler(n, 5, "uniform", seed=3)
-    objective = Objective(model, sampler, precision, sparse_grad=True)
-    optimizer = model.configure_optimizer(1e-2, lazy_parameter_names("sparse", "sampled"))
+    lazy = lazy_parameter_names("sparse", "sampled")
+    objective = Objective(model, sampler, precision, sparse_grad=lazy)
+    optimizer = model.configure_optimizer(1e-2, lazy)
     assert isinstance(optimizer, LazyAdam)
     bags = _bags()
     read_out = set(bags.labels.tolist())
@@ -228,7 +229,7 @@ def test_objective_steps_with_lazy_adam_touch_only_the_rows_read(precision):
 
 def test_objective_refuses_compile_with_sparse_gradients():
     with pytest.raises(ValueError, match="compile and sparse_grad"):
-        Objective(CandidateGenerator(4, (2, 2, 2)), compile=True, sparse_grad=True)
+        Objective(CandidateGenerator(4, (2, 2, 2)), compile=True, sparse_grad=["embed.item_table"])
 
 
 def test_training_with_lazy_adam_runs_saves_and_resumes_identically(tmp_path, monkeypatch):
@@ -326,3 +327,93 @@ def test_lazy_adam_learns_what_popularity_cannot(tmp_path, softmax):
     # The two optimisers differ (untouched rows move under Adam only), so not equal, but alike: within 10%.
     assert losses["lazy-adam"] != losses["adam"]
     assert losses["lazy-adam"] == pytest.approx(losses["adam"], rel=0.1), losses
+
+
+def test_auto_makes_lazy_the_tables_whose_step_reads_fewer_rows_than_they_have():
+    from gpu_ann.optim import lazy_tables
+
+    both = ("embed.item_table", "out.weight", "out.bias")
+    # 10**6 items, batch 256, bags of 150: 38,400 bag entries and 1,280 output rows, both far below 10**6.
+    assert lazy_tables("auto", "sparse", "sampled", 10**6, 256, 150.0, 1024) == both
+    # 17,500 items, batch 1,024, bags of 250: 256,000 bag entries (more than the table), 2,048 output rows.
+    assert lazy_tables("auto", "sparse", "sampled", 17_500, 1024, 250.0, 1024) == ("out.weight", "out.bias")
+    assert lazy_tables("auto", "sparse", "full", 17_500, 1024, 250.0) == ()
+    # The boundary: as many rows as the table is not fewer.
+    assert lazy_tables("auto", "dense", "sampled", 2048, 1024, 99.0, 1024) == ()
+    assert lazy_tables("auto", "dense", "sampled", 2049, 1024, 99.0, 1024) == ("out.weight", "out.bias")
+    assert lazy_tables("auto", "sparse", "full", 10_001, 100, 100.0) == ("embed.item_table",)
+    # Nothing sparse to be lazy with; compile; plain Adam; and lazy-adam, which takes every table whatever the sizes.
+    assert lazy_tables("auto", "dense", "full", 10**6, 256, 150.0) == ()
+    assert lazy_tables("auto", "sparse", "sampled", 10**6, 256, 150.0, 1024, compile=True) == ()
+    assert lazy_tables("adam", "sparse", "sampled", 10**6, 256, 150.0, 1024) == ()
+    assert lazy_tables("lazy-adam", "sparse", "sampled", 100, 1024, 250.0, 1024) == both
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        lazy_tables("sgd", "sparse", "sampled", 100, 16, 5.0, 8)
+
+
+def _tiny_table():
+    from gpu_ann.data.table import RatingsTable
+
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(40), 6).astype(np.int32)
+    items = np.concatenate([rng.choice(30, 6, replace=False) for _ in range(40)]).astype(np.int32)
+    return RatingsTable(users, items, None, None, np.arange(40), np.arange(30), None, source="tiny")
+
+
+@pytest.mark.parametrize(
+    "settings, lazy",
+    [
+        # 30 items: 16 rows + 8 negatives = 24 output rows, fewer than 30: the output layer goes lazy.
+        (dict(input_path="sparse", softmax="sampled", negatives=8), ["out.weight", "out.bias"]),
+        # 16 + 16 = 32 rows, not fewer: plain Adam.
+        (dict(input_path="sparse", softmax="sampled", negatives=16), None),
+        # The dense path with the full softmax: plain Adam.
+        (dict(input_path="dense"), None),
+    ],
+)
+def test_the_default_auto_picks_per_run(tmp_path, settings, lazy):
+    from gpu_ann.checkpoint import load_resume_state
+    from gpu_ann.training import TrainConfig, train
+
+    cfg = TrainConfig(backend="cpu", batch_size=16, hidden=(8, 8, 8), max_steps=4, eval_every=4, eval_batches=1,
+                      out=str(tmp_path / "run"), **settings)  # fmt: skip
+    assert cfg.optimizer == "auto"
+    train(cfg, _tiny_table())
+    state = load_resume_state(tmp_path / "run").optimizer_state
+    if lazy is None:
+        assert set(state) == {"state", "param_groups"}  # torch.optim.Adam's
+    else:
+        assert state["lazy_names"] == lazy
+
+
+def test_a_run_saved_before_the_option_resumes_with_adam(tmp_path, monkeypatch):
+    # A config without "optimizer" is an older run's, trained with Adam: it must resume with Adam, although
+    # auto would make this run's output layer lazy (24 rows of 30) and Adam's state would not load into it.
+    import gpu_ann.training as training
+    from gpu_ann.checkpoint import STATE_FILE, load_resume_state
+
+    cfg = training.TrainConfig(backend="cpu", batch_size=16, hidden=(8, 8, 8), max_steps=12, eval_every=4,
+                               eval_batches=1, patience=100, input_path="sparse", softmax="sampled", negatives=8,
+                               optimizer="adam", out=str(tmp_path / "run"))  # fmt: skip
+
+    class Crash(Exception):
+        pass
+
+    real = training.save_resume_state
+
+    def save_then_crash(run_dir, state):
+        real(run_dir, state)
+        if state.step == 8:  # the second evaluation's (the first one's is in the staged directory)
+            raise Crash
+
+    monkeypatch.setattr(training, "save_resume_state", save_then_crash)
+    with pytest.raises(Crash):
+        training.train(cfg, _tiny_table())
+    monkeypatch.setattr(training, "save_resume_state", real)
+    path = tmp_path / "run" / STATE_FILE
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["optimizer"]
+    torch.save(payload, path)
+    result = training.resume_run(tmp_path / "run")
+    assert result.steps == 12
+    assert set(load_resume_state(tmp_path / "run").optimizer_state) == {"state", "param_groups"}

@@ -401,7 +401,7 @@ MEASURE = textwrap.dedent(
             counts = np.bincount(train.item, minlength=n_items)
             sampler = NegativeSampler(n_items, k, "popularity", counts, power=0.75)
         # The trainer's loss and evaluation: autocast (bf16), the full or sampled softmax, either input path.
-        objective = Objective(model, sampler, precision, sparse_grad=bool(lazy))
+        objective = Objective(model, sampler, precision, sparse_grad=lazy)
         if path == "dense":
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # the trainer's batch dtype
             loader = BatchLoader(matrix, train, batch, seed=0, drop_last=True, dtype=dtype)
