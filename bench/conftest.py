@@ -65,6 +65,9 @@ def pytest_addoption(parser):
         "--train-batch-sizes only; 'none' for none; default dense+full+fp32,sparse+sampled+fp32 on the CPU, "
         "the same in bf16 on the GPU (those of --train-paths and --train-softmax)",
     )
+    g.addoption(
+        "--lazy-items", type=int, default=1_000_000, help="rows of each item table in the lazy optimiser-step benchmark"
+    )
     g.addoption("--results", default=None, help="directory for results.json and results.md")
 
 
@@ -224,6 +227,19 @@ def summarise(results: list[Measurement]) -> tuple[list[str], list[dict]]:
                 what=f"samples/s vs the notebook's 300 rows/s (n={m.n_items})",
                 ratio=m.rows_per_s / 300.0,
                 goal=10_000.0 if on_gpu else None,
+            )
+        )
+    lazy = {m.method: m for m in results if m.suite == "optimizer-step"}
+    if "row-adam" in lazy and "torch-sparse-adam" in lazy:
+        m, base = lazy["row-adam"], lazy["torch-sparse-adam"]
+        targets.append(
+            dict(
+                method=m.method,
+                dtype=m.dtype,
+                batch=m.batch,
+                what=f"steps/s vs torch.optim.SparseAdam, same gradients (n={m.n_items})",
+                ratio=_ratio(base.seconds, m.seconds),
+                goal=None,
             )
         )
     lines += ["", "| target | method | dtype | batch | measured ratio | goal |", "|---|---|---|---|---|---|"]

@@ -28,7 +28,8 @@ def test_bench_suites_run_and_report_every_ratio(tmp_path):
     # fmt: off
     run(["-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--backend", "cpu", "--scale", "bundled",
          "--batch-sizes", "64", "--train-items", "400", "--train-batch-sizes", "32", "--train-dtypes", "fp32,bf16",
-         "--train-negatives", "64", "--train-compiled", "sparse+sampled+fp32", "--results", str(tmp_path)], tmp_path)
+         "--train-negatives", "64", "--train-compiled", "sparse+sampled+fp32", "--lazy-items", "5000",
+         "--results", str(tmp_path)], tmp_path)
     # fmt: on
     results = json.loads((tmp_path / "results.json").read_text())
     measured = results["measurements"]
@@ -40,6 +41,8 @@ def test_bench_suites_run_and_report_every_ratio(tmp_path):
         ("assembly", "notebook", "fp32"),
         ("assembly", "torch-sparse", "fp32"),
         ("ceiling", "parallel-memset", "fp32"),
+        ("optimizer-step", "torch-sparse-adam", "fp32"),
+        ("optimizer-step", "row-adam", "fp32"),
     ]:
         assert expected in methods
     # Every path x softmax x precision, eager, and the compiled variant where torch.compile can build.
@@ -76,6 +79,7 @@ def test_bench_suites_run_and_report_every_ratio(tmp_path):
     assert ratios[("step-cpu dense+full", "fp32")] == 1.0
 
     whats = {t["what"] for t in results["targets"]}
+    assert "steps/s vs torch.optim.SparseAdam, same gradients (n=5000)" in whats
     assert "rows/s vs scipy slice + toarray" in whats and "bytes/s vs parallel memset of the same buffer" in whats
     assert all(t["ratio"] > 0 for t in results["targets"])
     assert "| target |" in (tmp_path / "results.md").read_text()

@@ -134,7 +134,7 @@ def test_lazy_adam_equals_adam_when_every_row_is_in_every_step():
     adam = torch.optim.Adam([adam_p], lr=0.01)
     for _ in range(5):
         g = torch.from_numpy(rng.normal(size=(6, 2)))
-        lazy_p.grad = g.to_sparse()
+        lazy_p.grad = g.to_sparse(1)  # every row present
         adam_p.grad = g.clone()
         lazy.step()
         adam.step()
@@ -417,3 +417,33 @@ def test_a_run_saved_before_the_option_resumes_with_adam(tmp_path, monkeypatch):
     result = training.resume_run(tmp_path / "run")
     assert result.steps == 12
     assert set(load_resume_state(tmp_path / "run").optimizer_state) == {"state", "param_groups"}
+
+
+def test_row_adam_matches_torch_sparse_adam():
+    # RowAdam computes SparseAdam's update with row gathers: the same weights and moments after several steps
+    # of repeated, missing and empty rows (float32, as training runs).
+    from gpu_ann.optim import RowAdam
+
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(50, 3, generator=gen)
+    ours, theirs = (torch.nn.Parameter(start.clone()) for _ in range(2))
+    row_adam, sparse_adam = RowAdam([ours], lr=0.02), torch.optim.SparseAdam([theirs], lr=0.02)
+    for step in range(6):
+        rows = torch.randint(0, 20, (0 if step == 3 else 30,), generator=gen)  # step 3: an empty gradient
+        values = torch.randn(len(rows), 3, generator=gen)
+        for p in (ours, theirs):
+            p.grad = torch.sparse_coo_tensor(rows[None], values, (50, 3), check_invariants=True)
+        row_adam.step()
+        sparse_adam.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        # float32 rounding of the two orders of the same sums: v = b2 v + (1 - b2) g^2 against v + (1 - b2)(g^2 - v)
+        torch.testing.assert_close(row_adam.state[ours][key], sparse_adam.state[theirs][key], rtol=1e-4, atol=1e-9)
+    assert row_adam.state[ours]["step"] == sparse_adam.state[theirs]["step"] == 6
+    assert torch.equal(ours.detach()[20:], start[20:])  # rows 20..49 never had a gradient
+    ours.grad = torch.zeros(50, 3)
+    with pytest.raises(RuntimeError, match=r"row-sparse gradients \(sparse_dim 1\); a parameter of shape"):
+        row_adam.step()
+    ours.grad = torch.ones(50, 3).to_sparse()  # sparse in both dimensions
+    with pytest.raises(RuntimeError, match="has sparse_dim 2"):
+        row_adam.step()

@@ -103,20 +103,21 @@ def test_lazy_adam_sparse_sampled_by_hand():
     # hold a float32 row and an int64 index per entry: the item table's B x L = 8 rows of h0 = 2 (8 x 16 = 128),
     # the output weight's B + k = 5 rows of h2 = 4 (5 x 24 = 120) and the bias's 5 rows of 1 (5 x 12 = 60).
     gradients = 124 + 128 + 120 + 60  # = 432
-    # Adam on the dense parameters: two temporaries of the largest (12) = 96. SparseAdam, per table, the
-    # coalesced gradient and five [R, d] float32 arrays: item 128 + 5 x 8 x 2 x 4 = 448, output weight
-    # 120 + 5 x 5 x 4 x 4 = 520, bias 60 + 5 x 5 x 4 = 160; the largest, 520.
-    assert plan.terms() == {**adam, "gradients": gradients, "optimizer_step": 520}
+    # Adam on the dense parameters: two temporaries of the largest (12) = 96. RowAdam, per table, the coalesced
+    # gradient of U = min(R, n) rows and the rows' two moments, [U, d] float32 each: item (U = 5 of the 8 rows)
+    # 5 x 16 + 2 x 5 x 2 x 4 = 160, output weight 5 x 24 + 2 x 5 x 4 x 4 = 280, bias 5 x 12 + 2 x 5 x 4 = 100;
+    # the largest, 280.
+    assert plan.terms() == {**adam, "gradients": gradients, "optimizer_step": 280}
     assert adam["optimizer"] == plan.terms()["optimizer"] == 528  # the moments stay dense
     # Two torchrun ranks: the flat buffer holds the dense gradients only (124); the sparse rows of both ranks
     # are gathered, padded and then concatenated: 2 x 2 x (128 + 120 + 60) = 1232.
     ranks = estimate(**TINY, **sparse, optimizer="lazy-adam", world_size=2).terms()
     assert ranks["gradient_buffer"] == 124 + 1232
-    # ... and SparseAdam then steps both ranks' rows: with 1,000 items (so that U = min(W R, n) is W R), the
-    # output weight's 5 rows give 5 x 24 + 5 x 5 x 4 x 4 = 520 alone, its 10 rows 10 x 24 + 5 x 10 x 4 x 4 = 1040.
+    # ... and RowAdam then steps both ranks' rows: with 1,000 items (so that U = min(W R, n) is W R), the output
+    # weight's 5 rows give 5 x 24 + 2 x 5 x 4 x 4 = 280 alone, its 10 rows 10 x 24 + 2 x 10 x 4 x 4 = 560.
     wide = {**TINY, "n_items": 1000, **sparse, "optimizer": "lazy-adam"}
-    assert estimate(**wide).terms()["optimizer_step"] == 520
-    assert estimate(**wide, world_size=2).terms()["optimizer_step"] == 1040
+    assert estimate(**wide).terms()["optimizer_step"] == 280
+    assert estimate(**wide, world_size=2).terms()["optimizer_step"] == 560
     # With the expected bag length given (2.5 items), B x 2.5 = 5 rows of the item table, not B x L = 8.
     expected = estimate(**TINY, **sparse, optimizer="lazy-adam", mean_bag_length=2.5).terms()
     assert expected["gradients"] == gradients - 3 * 16
@@ -465,7 +466,7 @@ MEASURED_RUN = dict(
 # transients up (three full [B, n] arrays for the loss), so neither direction is exact. The runs train through the
 # trainer's Objective (autocast in bf16, the batch buffer in the precision's dtype). At these sizes the measured
 # ratios were 0.94 (dense + full), 1.11 (sparse + sampled), 0.86 (dense + full in bf16; 1.04 for sparse + sampled in
-# bf16, not run here) and 0.99 (sparse + sampled with lazy Adam, whose peak is SparseAdam's step on the item table:
+# bf16, not run here) and 1.10 (sparse + sampled with lazy Adam, whose peak is RowAdam's step on the item table:
 # 51,200 bag entries coalesced into 20,000 rows) with malloc's mmap threshold pinned as below (glibc's default sliding
 # threshold keeps freed blocks resident, which raises them). The hand-computed cases above pin each term's arithmetic;
 # this factor checks the model of what is resident at the peak, and fails when about a third of it is missed or
