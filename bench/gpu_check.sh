@@ -8,7 +8,9 @@
 #   5. runs the benchmarks at sizes that fill the chip (MyAnimeList-2020 scale, a 100k catalogue), every
 #      training-step variant eagerly;
 #   6. the compiled training-step variants at 100k items, with the eager ones at that size again;
-#   7. trains on a synthetic 10^6-item catalogue (sparse path, sampled softmax) and times dense steps beside it;
+#   7. the lazy Adam step variants at 100k items and RowAdam against torch.optim.SparseAdam;
+#   8. trains on a synthetic 10^6-item catalogue (sparse path, sampled softmax, lazy Adam by --optimizer auto)
+#      and times dense steps beside it;
 # and writes logs, results.json and results.md under $OUT (default ./gpu-check-out), printing the
 # summary and the results table last. Each stage runs even if an earlier one failed.
 #
@@ -61,7 +63,7 @@ grep -E "^(done in|validation loss|popularity)" "$OUT/train.log" | sed 's/^/  /'
 # below, in their own run, so that a slow compile cannot take these results with it.
 timeout 200 python3 -m pytest bench/test_assembly.py bench/test_train_step.py -q -p no:cacheprovider \
   --backend cuda --scale mal2020 --batch-sizes 256,1024,4096,8192 \
-  --train-items 17500,100000 --train-batch-sizes 1024,4096 --train-compiled none \
+  --train-items 17500,100000 --train-batch-sizes 1024,4096 --train-compiled none --train-optimizers adam \
   --benchmark-json "$OUT/benchmark.json" --results "$OUT" >"$OUT/bench.log" 2>&1
 rc=$?; [ $rc -eq 0 ] || status=1
 note "benchmarks (exit $rc): $(tail -n 1 "$OUT/bench.log")"
@@ -74,6 +76,15 @@ timeout 60 python3 -m pytest bench/test_train_step.py -q -p no:cacheprovider -rs
 rc=$?; [ $rc -eq 0 ] || status=1
 note "training step, compiled (exit $rc): $(tail -n 1 "$OUT/bench-compiled.log")"
 grep -E "^SKIPPED" "$OUT/bench-compiled.log" | sed 's/^/  /' | tee -a "$summary"
+
+# Lazy Adam on the device: the bf16 step variants at 100k items, B = 4096, with and without it (the baseline
+# measured again in the same run), and RowAdam's step against torch.optim.SparseAdam on 10^6-row tables.
+timeout 45 python3 -m pytest bench/test_train_step.py bench/test_optimizer_step.py -q -p no:cacheprovider \
+  --backend cuda --train-items 100000 --train-batch-sizes 4096 --train-dtypes bf16 --train-compiled none \
+  --results "$OUT/lazy" >"$OUT/bench-lazy.log" 2>&1
+rc=$?; [ $rc -eq 0 ] || status=1
+note "lazy Adam steps and RowAdam vs SparseAdam (exit $rc): $(tail -n 1 "$OUT/bench-lazy.log")"
+grep -E "lazy-adam|row-adam|sparse-adam|SparseAdam" "$OUT/lazy/results.md" 2>/dev/null | sed 's/^/  /' | tee -a "$summary"
 
 # 10^6 items, sparse path + sampled softmax, and 5 dense steps for comparison. The run directory (1.5 GB
 # checkpoints) stays out of $OUT; only its JSON record is kept.
