@@ -38,7 +38,6 @@ import torch
 
 from gpu_ann import planner, synthetic
 from gpu_ann.backend import get_backend
-from gpu_ann.bags import row_statistics, step_bytes
 from gpu_ann.data.readers import load_bundled_anime
 from gpu_ann.data.table import RatingsTable, ReadSummary
 from gpu_ann.loader import BatchLoader
@@ -46,6 +45,7 @@ from gpu_ann.matrix import InteractionMatrix
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import Objective
 from gpu_ann.optim import OPTIMIZERS
+from gpu_ann.path_cost import row_statistics, step_bytes
 from gpu_ann.splits import FOLD_IN, TRAIN, make_split
 from gpu_ann.training import TrainConfig, train
 

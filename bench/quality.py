@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import gpu_ann.training
+import gpu_ann.run_setup
 from gpu_ann.data.readers import load_bundled_anime, read_ratings
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.evaluate import evaluate_run
@@ -223,7 +223,7 @@ def _prototype(dropout: float, weight_decay: float):
         (_Regularised,),
         {"dropout": dropout, "weight_decay": weight_decay, "_built": built},
     )
-    with mock.patch.object(gpu_ann.training, "CandidateGenerator", model_class):
+    with mock.patch.object(gpu_ann.run_setup, "CandidateGenerator", model_class):  # where the run builds it
         yield
     if not built:  # a prototype that silently trained the plain model would report the wrong numbers
         raise RuntimeError("gpu_ann.train did not build the prototype model: the patch point has moved")

@@ -253,7 +253,7 @@ def lazy_tables(
     batch_size : int
         Samples per step.
     mean_bag_length : float
-        Expected bag length of a training sample (``gpu_ann.bags.row_statistics``).
+        Expected bag length of a training sample (``gpu_ann.path_cost.row_statistics``).
     negatives : int
         Sampled negatives per step (with the sampled softmax).
     compile : bool

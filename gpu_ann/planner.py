@@ -251,7 +251,7 @@ def estimate(
         Samples in this rank's epoch order (default ``ceil(n_samples / world_size)``; under
         ``--shard-users`` the largest rank's count).
     mean_bag_length : float, optional
-        The expected bag length of a training sample (``gpu_ann.bags.row_statistics``): with
+        The expected bag length of a training sample (``gpu_ann.path_cost.row_statistics``): with
         ``"lazy-adam"`` on the sparse path, the item table's sparse gradient holds about ``batch_size``
         times as many rows. Default ``max_row_length``, the bound.
 

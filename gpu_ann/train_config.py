@@ -79,7 +79,7 @@ class TrainConfig:
         Also log to ``out/tensorboard`` (needs the tensorboard package).
     input_path : {"auto", "dense", "sparse"}
         First layer on densified rows, or ``EmbeddingBag`` over each row's items; ``"auto"`` picks the one
-        that moves fewer bytes per step (:func:`gpu_ann.bags.choose_path`).
+        that moves fewer bytes per step (:func:`gpu_ann.path_cost.choose_path`).
     softmax : {"full", "sampled"}
         Training loss over all items, or over the target and ``negatives`` sampled items with the log-Q
         correction; evaluation always uses the full softmax.

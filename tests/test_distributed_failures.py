@@ -15,7 +15,7 @@ def _train_worker(rank: int, out: str, case: str) -> tuple[str, str]:
     """``train`` on this rank, with ``case``'s failure injected into one rank: (error type, message)."""
     from test_scale import table
 
-    from gpu_ann import training
+    from gpu_ann import run_setup, training
     from gpu_ann.objective import Objective
 
     cfg = training.TrainConfig(
@@ -39,6 +39,12 @@ def _train_worker(rank: int, out: str, case: str) -> tuple[str, str]:
             return loss(self, batch)
 
         Objective.loss = failing_loss  # this spawned process only
+    if case == "setup" and rank == 1:
+
+        def failing_matrix(*args, **kwargs):
+            raise MemoryError("injected: out of memory building the matrix")
+
+        run_setup.input_matrix = failing_matrix  # after the plans agreed, before the first step
     if case == "checkpoint" and rank == 0:
 
         def failing_save(*args):
@@ -57,6 +63,8 @@ def _train_worker(rank: int, out: str, case: str) -> tuple[str, str]:
     [
         # The plans are agreed on before anything is allocated: the other rank never builds its matrix.
         ("plan", 1, "MemoryBudgetExceeded", " in its memory plan"),
+        # Building its matrix fails on rank 1 after the plans agreed: rank 0 stops before the first step.
+        ("setup", 1, "MemoryError", " while setting up"),
         # Step 3 fails on rank 1; rank 0 learns it at the first evaluation, step 5, before it writes anything.
         ("step", 1, "RuntimeError", " by step 5"),
         # ... or at the replica check of step 4, when there is one.

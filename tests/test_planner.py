@@ -363,7 +363,8 @@ MEASURE = textwrap.dedent(
     import torch
     from gpu_ann import planner
     from gpu_ann.backend import get_backend
-    from gpu_ann.bags import BagAssembler, FixedBags, row_statistics
+    from gpu_ann.bags import BagAssembler, FixedBags
+    from gpu_ann.path_cost import row_statistics
     from gpu_ann.batching import FixedBatches
     from gpu_ann.loader import BatchLoader
     from gpu_ann.matrix import InteractionMatrix

@@ -200,15 +200,16 @@ def test_the_trainer_plans_for_its_precision_and_its_rank(tmp_path, rank, sharde
 
     from gpu_ann.batching import fixed_subset
     from gpu_ann.model import CandidateGenerator
+    from gpu_ann.run_setup import memory_plan
     from gpu_ann.sharding import shard_users
-    from gpu_ann.training import _memory_plan, _read_and_split
+    from gpu_ann.training import _read_and_split
 
     cfg = config(tmp_path, "plan", precision="bf16", input_path="dense", shard_users=sharded)
     t = table()
     _, splits, assignment = _read_and_split(cfg, t, None)
     replicas = SimpleNamespace(rank=rank, world_size=2, is_main=rank == 0)  # what the planner reads of Replicas
     shard = shard_users(splits.train.user, t.n_users, rank, 2) if sharded else None
-    plan = _memory_plan(cfg, t, splits, assignment, get_backend("cpu"), replicas, shard)
+    plan = memory_plan(cfg, t, splits, assignment, get_backend("cpu"), replicas, shard)
     terms, settings = plan.terms(), plan.settings
     assert settings["precision"] == "bf16" and settings["out_dtype"] == torch.bfloat16 and settings["world_size"] == 2
     assert terms["autocast"] > 0
