@@ -51,7 +51,7 @@ from gpu_ann.training import TrainConfig, train
 
 # Sizes of the full run and of --quick; an option given on the command line wins over both.
 FULL = dict(items=1_000_000, users=30_000, interactions=1_500_000, batch_size=256, hidden=(64, 128, 64),
-            negatives=1024, steps=100, eval_batches=2, validation_share=0.002)  # fmt: skip
+            negatives=1024, steps=300, eval_batches=2, validation_share=0.002)  # fmt: skip
 QUICK = dict(items=20_000, users=400, interactions=8_000, batch_size=32, hidden=(8, 8, 8), negatives=64, steps=4,
              eval_batches=1, validation_share=0.05)  # fmt: skip
 RESULT_FILE = "large_catalogue.json"
