@@ -413,9 +413,9 @@ def resume_run(run_dir: str | Path) -> TrainResult:
     if state.data_fingerprint != fingerprint(table):
         difference = data_difference(state.data_summary, table, state.model_state, "last.pt", "data.npz")
         raise CheckpointError(f"{run_dir}: last.pt and data.npz come from different data: {difference}")
-    # model.pt is loaded at the end of the run: refuse one of other data or another shape now, not then (and
-    # keep no reference to it: the run would hold a second copy of the weights and Adam's state).
-    best_weights = load_checkpoint(run_dir, table).model_state
+    # model.pt is loaded at the end of the run: refuse one of other data or another shape now, not then. Mapped,
+    # not read: the check touches shapes only (and no reference is kept, which would pin a second copy).
+    best_weights = load_checkpoint(run_dir, table, mmap=True).model_state
     check_model_shape(run_dir / MODEL_FILE, best_weights, state.config["hidden"], table.n_items, "last.pt")
     del best_weights
     # TOML-free round trip: the saved dict holds lists where the config has tuples.
