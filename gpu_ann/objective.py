@@ -69,8 +69,9 @@ class Objective:
     Raises
     ------
     ValueError
-        An unknown ``precision``, or ``compile`` with ``sparse_grad`` (torch.compile does not trace
-        ``embedding_bag``'s sparse gradient).
+        An unknown ``precision``, ``compile`` with ``sparse_grad`` (torch.compile does not trace
+        ``embedding_bag``'s sparse gradient), or ``sparse_grad`` naming one of ``out.weight`` and ``out.bias``
+        without the other.
     """
 
     def __init__(
@@ -91,6 +92,10 @@ class Objective:
         self.sparse_grad = tuple(sparse_grad)
         self._sparse_items = "embed.item_table" in self.sparse_grad
         self._sparse_out = "out.weight" in self.sparse_grad
+        if self._sparse_out != ("out.bias" in self.sparse_grad):
+            # One gather gives both their gradients: a sparse bias beside a dense weight (or the reverse) would
+            # reach an optimiser that expects the other kind.
+            raise ValueError(f"sparse_grad must name out.weight and out.bias together, got {list(self.sparse_grad)}")
         self._device_type = next(model.parameters()).device.type
         self._loss = torch.compile(self._eager_loss, dynamic=True) if compile else self._eager_loss
 

@@ -313,8 +313,11 @@ def estimate(
     # lazy Adam: (rows, width) of each sparse gradient, and the dense parameters' sizes without those tables.
     lazy, dense_sizes = [], list(sizes)
     if optimizer in ("auto", "lazy-adam"):
-        mean = max_row_length if mean_bag_length is None else min(mean_bag_length, max_row_length or 0)
-        names = lazy_tables(optimizer, path, softmax, n, B, mean or 0.0, negatives or 0)
+        # The choice on the mean as given (the trainer's, the same on every rank); the rows counted at most this
+        # rank's longest row per bag.
+        given = max_row_length if mean_bag_length is None else mean_bag_length
+        names = lazy_tables(optimizer, path, softmax, n, B, given or 0.0, negatives or 0)
+        mean = min(given or 0.0, max_row_length or 0)
         if optimizer == "lazy-adam" and not names:
             raise ValueError("optimizer 'lazy-adam' needs path 'sparse' or softmax 'sampled' (no sparse gradient)")
         if "embed.item_table" in names:

@@ -49,7 +49,8 @@ class TrainConfig:
     optimizer : {"auto", "adam", "lazy-adam"}
         ``"lazy-adam"``: Adam for the dense layers, and for the item tables a step reads only rows of (the
         first layer's on the sparse input path, the output layer's under the sampled softmax) sparse
-        gradients and SparseAdam, which updates only the rows each step touched (:mod:`gpu_ann.optim`);
+        gradients and lazy Adam (SparseAdam's update, :class:`gpu_ann.optim.RowAdam`), which updates only
+        the rows each step touched (:mod:`gpu_ann.optim`);
         needs one of those two, not with ``compile``. ``"auto"``: lazy for those of the two tables whose
         step reads fewer rows than the table has (:func:`gpu_ann.optim.lazy_tables`), Adam for the rest
         and for everything under ``compile``; with the dense path and the full softmax, plain Adam.

@@ -227,9 +227,11 @@ def test_objective_steps_with_lazy_adam_touch_only_the_rows_read(precision):
     assert out_rows == read_out
 
 
-def test_objective_refuses_compile_with_sparse_gradients():
+def test_objective_refuses_compile_with_sparse_gradients_and_half_an_output_layer():
     with pytest.raises(ValueError, match="compile and sparse_grad"):
         Objective(CandidateGenerator(4, (2, 2, 2)), compile=True, sparse_grad=["embed.item_table"])
+    with pytest.raises(ValueError, match="must name out.weight and out.bias together"):
+        Objective(CandidateGenerator(4, (2, 2, 2)), sparse_grad=["out.weight"])
 
 
 def test_training_with_lazy_adam_runs_saves_and_resumes_identically(tmp_path, monkeypatch):

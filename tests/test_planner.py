@@ -128,6 +128,18 @@ def test_lazy_adam_sparse_sampled_by_hand():
         estimate(**TINY, optimizer="lazy-adam")
 
 
+def test_auto_decides_on_the_mean_bag_length_as_given():
+    # The trainer decides on the whole matrix's mean bag (600 here: 2 x 600 = 1,200 rows, not fewer than the
+    # 1,000 items, so Adam), the same on every rank; a rank whose longest row is 4 must not plan a lazy table
+    # the run will not have, though its clamped rows (2 x 4 = 8) would be fewer.
+    settings = {**TINY, "n_items": 1000, "path": "sparse", "max_row_length": 4}
+    auto = estimate(**settings, optimizer="auto", mean_bag_length=600.0).terms()
+    assert auto == estimate(**settings, optimizer="adam", mean_bag_length=600.0).terms()
+    # With a mean of 3 (6 rows) auto takes the table lazily, and counts its rows: 6 x (2 x 4 + 8) = 96.
+    lazy = estimate(**settings, optimizer="auto", mean_bag_length=3.0).terms()
+    assert lazy["gradients"] == (6 + 9 + 16 + 4 * 1000 + 1000) * 4 + 96
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
