@@ -201,6 +201,7 @@ def estimate(
     world_size: int = 1,
     epoch_samples: int | None = None,
     mean_bag_length: float | None = None,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """Estimate the device bytes of training :class:`~gpu_ann.model.CandidateGenerator` with these settings.
 
@@ -254,6 +255,9 @@ def estimate(
         The expected bag length of a training sample (``gpu_ann.path_cost.row_statistics``): with
         ``"lazy-adam"`` on the sparse path, the item table's sparse gradient holds about ``batch_size``
         times as many rows. Default ``max_row_length``, the bound.
+    compiled : bool
+        The run is ``torch.compile``-d, which traces no sparse gradient: ``"auto"`` then means Adam, and
+        ``"lazy-adam"`` is refused by the trainer (:func:`check` offers it only without ``--compile``).
 
     Returns
     -------
@@ -280,6 +284,8 @@ def estimate(
             f"world_size={world_size}, hidden={hidden}, nnz={nnz}, n_samples={n_samples}, "
             f"n_eval_samples={n_eval_samples}, epoch_samples={epoch_samples}"
         )
+    if compiled and optimizer == "auto":
+        optimizer = "adam"
     if epoch_samples is None:
         epoch_samples = -(-n_samples // world_size)  # this rank's share of each epoch
     if softmax == "sampled" and not (negatives and negatives >= 1):
@@ -392,8 +398,9 @@ def check(plan: MemoryPlan, budget_bytes: int, where: str = "the memory budget")
     the limit and where it came from, then what would fit: the largest batch size (when one does), and
     the estimate with ``--input-path sparse``, with ``--softmax sampled`` and with both (those the plan
     does not use already; the sparse path is only tried when the plan's settings give ``max_row_length``),
-    and with ``--optimizer lazy-adam`` when the plan uses Adam on the sparse path or the sampled softmax
-    and lazy Adam's estimate is the lower one (whether or not it then fits).
+    and with ``--optimizer lazy-adam`` (``without --compile`` for a compiled run) when the plan uses Adam on
+    the sparse path or the sampled softmax and lazy Adam's estimate is the lower one (whether or not it
+    then fits).
 
     Parameters
     ----------
@@ -436,8 +443,11 @@ def check(plan: MemoryPlan, budget_bytes: int, where: str = "the memory budget")
             options.append(("both", {**options[0][1], **options[1][1]}))
         if s.get("optimizer", "adam") in ("adam", "auto") and (s["path"] == "sparse" or s["softmax"] == "sampled"):
             # Only where it saves memory: with bags longer in all than the catalogue, a sparse gradient is larger.
-            if estimate(**{**s, "optimizer": "lazy-adam"}).total < plan.total:
-                options.append(("--optimizer lazy-adam", {"optimizer": "lazy-adam"}))
+            lazy = {"optimizer": "lazy-adam", "compiled": False}
+            if estimate(**{**s, **lazy}).total < plan.total:
+                # torch.compile traces no sparse gradient, so the trainer refuses lazy-adam with it.
+                label = "--optimizer lazy-adam without --compile" if s.get("compiled") else "--optimizer lazy-adam"
+                options.append((label, lazy))
         for label, change in options:
             advice.append(f"{label} (est. {format_bytes(estimate(**{**s, **change}).total)})")
     if advice:

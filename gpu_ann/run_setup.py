@@ -127,9 +127,9 @@ def memory_plan(
         precision=cfg.precision,
         world_size=replicas.world_size,
         epoch_samples=None if shard is None else shard.epoch_samples,
-        # compile traces no sparse gradient: auto then means Adam (lazy-adam with compile is refused before).
-        optimizer="adam" if cfg.compile else cfg.optimizer,
+        optimizer=cfg.optimizer,  # lazy-adam with --compile was refused before this
         mean_bag_length=overall[0],
+        compiled=cfg.compile,
     )
 
 

@@ -310,6 +310,20 @@ def test_check_offers_only_what_the_plan_does_not_use():
     assert "--optimizer lazy-adam" not in str(raised.value)
 
 
+def test_a_compiled_run_plans_adam_and_is_offered_lazy_adam_only_without_compile():
+    # torch.compile traces no sparse gradient: "auto" plans Adam for a compiled run, and the advice names the
+    # change the trainer would accept (lazy-adam together with --compile is refused there).
+    settings = {**BIG, "n_items": 2_000_000, "path": "sparse", "softmax": "sampled", "negatives": 512,
+                "mean_bag_length": 50.0}  # fmt: skip
+    compiled = estimate(**settings, optimizer="auto", compiled=True)
+    assert compiled.terms() == estimate(**settings, optimizer="adam").terms()
+    assert estimate(**settings, optimizer="auto").total < compiled.total  # uncompiled auto goes lazy
+    with pytest.raises(MemoryBudgetExceeded) as raised:
+        check(compiled, compiled.total // 2)
+    lazy = estimate(**settings, optimizer="lazy-adam").total
+    assert f"--optimizer lazy-adam without --compile (est. {format_bytes(lazy)})" in str(raised.value)
+
+
 def _meminfo_kib(field: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
