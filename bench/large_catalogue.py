@@ -113,8 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the loss computation with torch.compile (needs --optimizer adam: it cannot trace sparse "
-        "gradients)",
+        help="compile the loss computation with torch.compile; it cannot trace sparse gradients, so --optimizer "
+        "auto then trains with Adam and lazy-adam is refused",
     )
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default auto)")
     p.add_argument(
@@ -230,6 +230,7 @@ def _memory_plans(cfg: TrainConfig, table: RatingsTable, splits, lengths: np.nda
             negatives=cfg.negatives,
             optimizer=cfg.optimizer,
             mean_bag_length=row_statistics(lengths)[0],
+            compiled=cfg.compile,
         ),
         "dense+full": planner.estimate(**common, path="dense", softmax="full"),
     }

@@ -268,7 +268,12 @@ class Replicas:
             # Kept, not raised: this rank still joins the gathers below (sending no rows), so the others do not
             # wait for it; the next check raises everywhere.
             what = "no gradient" if grad is None else "a dense gradient"
-            self._keep(ValueError(f"a lazy parameter of shape {tuple(p.shape)} has {what} after backward()"))
+            self._keep(
+                ValueError(
+                    f"a lazy parameter of shape {tuple(p.shape)} has {what} after backward(); lazy Adam's "
+                    f"parameters need sparse gradients (the names given to Objective(sparse_grad=...))"
+                )
+            )
         if self.failure is not None:
             rows = torch.empty(0, dtype=torch.int64, device=p.device)
             values = torch.empty((0, *p.shape[1:]), dtype=p.dtype, device=p.device)

@@ -100,7 +100,10 @@ class FirstLayer(nn.Module):
             ``[B, 3]`` count features.
         sparse_grad : bool
             Give :attr:`item_table` a sparse gradient holding only the rows in ``indices`` (for
-            :class:`gpu_ann.optim.LazyAdam`), instead of a dense ``[n_items, embedding_dim]`` one.
+            :class:`gpu_ann.optim.LazyAdam`), instead of a dense ``[n_items, embedding_dim]`` one. That
+            gradient's row indices are ``indices`` itself, not a copy: with a loader's reused buffer, step
+            the optimiser before the next batch is assembled (as ``gpu_ann.training`` does), or the
+            gradient names the next batch's rows.
 
         Returns
         -------
@@ -108,6 +111,8 @@ class FirstLayer(nn.Module):
             ``[B, embedding_dim]``; an empty bag contributes zeros.
         """
         table = self.item_table
+        # sparse=True: torch builds the gradient on ``indices`` without copying them (8 bytes an entry saved a
+        # step); the trainer reads it (average, optimiser step) before the loader refills the buffer.
         items = F.embedding_bag(
             indices,
             table,

@@ -7,10 +7,10 @@ sampled softmax it reads ``B + k`` rows of the output layer; yet a dense gradien
 
 ``LazyAdam`` keeps plain Adam (``torch.optim.Adam``) for the dense layers and :class:`RowAdam` for the
 tables whose gradients arrive sparse (``embedding_bag(sparse=True)``, :func:`gpu_ann.sampled.gather_rows`).
-RowAdam is ``torch.optim.SparseAdam``'s update (the "lazy Adam" of TensorFlow Addons): a row and its
-moments change only in the steps whose gradient holds that row. It computes it with row gathers and
-copies (``index_select``, ``index_copy_``, ``index_add_``) where SparseAdam builds sparse tensors and masks
-the dense moments with them: at 10**6 items its step took 22-25 ms where SparseAdam's took 30-40 ms
+RowAdam is ``torch.optim.SparseAdam``'s update (the "lazy Adam" of TensorFlow Addons), bit for bit: a row
+and its moments change only in the steps whose gradient holds that row. It computes it with row gathers
+and adds (``index_select``, ``index_add_``) where SparseAdam builds sparse tensors and masks the dense
+moments with them: at 10**6 items its step took 21-28 ms where SparseAdam's took 40-91 ms
 (``bench/test_optimizer_step.py``, ``bench/README.md``).
 
 Lazy Adam is a different optimiser from Adam, not a faster version of it: under dense Adam a row the batch
@@ -23,7 +23,9 @@ default betas, where Adam's first step of a parameter is lr (TensorFlow's LazyAd
 items of a large catalogue meet exactly that case.
 
 On the GPU, RowAdam coalesces each sparse gradient (sorts and merges repeated rows), and the number of
-distinct rows it finds decides the size of what follows: one host-device sync per lazy table per step.
+distinct rows it finds decides the size of what follows: one host-device sync per lazy parameter per step
+(the first layer's item table on the sparse path; the output layer's weight and bias, two, with the sampled
+softmax), and under torchrun as many again where the ranks' rows are gathered.
 """
 
 from __future__ import annotations
@@ -94,13 +96,22 @@ class RowAdam(torch.optim.Optimizer):
                 if rows.numel() == 0:
                     continue
                 t = state["step"]
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - b1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1 - b2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
+                # SparseAdam's arithmetic in its order, so that the two agree bit for bit: each moment moves
+                # by an update (g - m)(1 - b1), (g**2 - v)(1 - b2) added to its rows, and the step reuses
+                # the updates plus the old rows rather than reading the moments back.
+                m_old = state["exp_avg"].index_select(0, rows)
+                v_old = state["exp_avg_sq"].index_select(0, rows)
+                m_update = g.sub(m_old).mul_(1 - b1)
+                v_update = g.pow(2).sub_(v_old).mul_(1 - b2)
+                # The rows are distinct after coalescing, so each add touches a row once (deterministic on CUDA).
+                state["exp_avg"].index_add_(0, rows, m_update)
+                state["exp_avg_sq"].index_add_(0, rows, v_update)
+                m_new = m_update.add_(m_old)
+                del m_old
+                denominator = v_update.add_(v_old).sqrt_().add_(eps)
+                del v_old
                 step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-                # The rows are distinct after coalescing, so the add touches each once (deterministic on CUDA).
-                p.index_add_(0, rows, m.div_(v.sqrt_().add_(eps)), alpha=-step_size)
+                p.index_add_(0, rows, -step_size * m_new.div_(denominator))
         return loss
 
 
@@ -165,7 +176,13 @@ class LazyAdam:
 
     def step(self) -> None:
         """One update: Adam on the dense parameters, RowAdam on the rows each sparse gradient holds."""
-        # CUDA: RowAdam syncs with the host once per table (coalesce learns how many rows there are).
+        for name, p in zip(self.lazy_names, self.sparse.param_groups[0]["params"]):
+            if p.grad is not None and not p.grad.is_sparse:
+                raise RuntimeError(
+                    f"lazy parameter {name!r} has a dense gradient: the loss must give it a sparse one "
+                    f"(pass the same names to Objective(sparse_grad=...) as to LazyAdam)"
+                )
+        # CUDA: RowAdam syncs with the host once per lazy parameter (coalesce learns how many rows there are).
         for o in self._parts:
             o.step()
 

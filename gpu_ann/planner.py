@@ -22,7 +22,7 @@ What is counted (fp32 master weights; ``P`` parameters, ``B`` batch rows, ``n`` 
                    the dense ones only, and every rank's sparse rows gathered, 2 W R (d x 4 + 8)
     optimizer_step Adam's temporaries: on CUDA (foreach) one tensor of P; on the CPU 2 x the largest;
                    lazy Adam: those of the dense parameters, or for the largest sparse table its coalesced
-                   gradient and RowAdam's two U x d arrays, if larger (U = min(W R, n) distinct rows:
+                   gradient and RowAdam's four U x d arrays, if larger (U = min(W R, n) distinct rows:
                    under torchrun the step sees every rank's rows)
     activations    saved hidden layers and their gradients, 2 B (h0 + 2 h1 + 2 h2) x 4; sparse: + 24 B L
     logits         full: 3 B n x 4 (logits, log-softmax, gradient); sampled: 3 B (k + 1) x 4, the mask,
@@ -346,7 +346,8 @@ def estimate(
         optimizer_step = 2 * max(dense_sizes) * f32  # per-tensor Adam: sqrt, then the divided copy
     if lazy:  # after Adam, RowAdam: one table at a time, its gradient coalesced, then the rows' m and v
         distinct = [(min(world_size * r, n), d) for r, d in lazy]  # every rank's rows, once averaged
-        optimizer_step = max(optimizer_step, max(u * (d * f32 + i64) + 2 * u * d * f32 for u, d in distinct))
+        # RowAdam's temporaries: the rows' old moments and their two updates, four U x d at the peak.
+        optimizer_step = max(optimizer_step, max(u * (d * f32 + i64) + 4 * u * d * f32 for u, d in distinct))
 
     activations = 2 * B * (h0 + 2 * h1 + 2 * h2) * f32
     if path == "sparse":

@@ -107,7 +107,7 @@ def test_sampled_softmax_on_cuda_repeats_bit_for_bit_and_beats_popularity(tmp_pa
 
 def test_lazy_adam_on_cuda_repeats_bit_for_bit_and_beats_popularity(tmp_path):
     # Lazy Adam's sparse gradients on the device (embedding_bag's and the sampled rows' gathers), coalesced by
-    # SparseAdam: deterministic mode must still repeat a run exactly, and the run must learn.
+    # RowAdam: deterministic mode must still repeat a run exactly, and the run must learn.
     t = clustered_table()
     kw = dict(backend="cuda", input_path="sparse", softmax="sampled", negatives=16, optimizer="lazy-adam",
               deterministic=True, max_steps=200, eval_every=200)  # fmt: skip

@@ -104,20 +104,20 @@ def test_lazy_adam_sparse_sampled_by_hand():
     # the output weight's B + k = 5 rows of h2 = 4 (5 x 24 = 120) and the bias's 5 rows of 1 (5 x 12 = 60).
     gradients = 124 + 128 + 120 + 60  # = 432
     # Adam on the dense parameters: two temporaries of the largest (12) = 96. RowAdam, per table, the coalesced
-    # gradient of U = min(R, n) rows and the rows' two moments, [U, d] float32 each: item (U = 5 of the 8 rows)
-    # 5 x 16 + 2 x 5 x 2 x 4 = 160, output weight 5 x 24 + 2 x 5 x 4 x 4 = 280, bias 5 x 12 + 2 x 5 x 4 = 100;
-    # the largest, 280.
-    assert plan.terms() == {**adam, "gradients": gradients, "optimizer_step": 280}
+    # gradient of U = min(R, n) rows and the rows' old moments and their updates, four [U, d] float32: item
+    # (U = 5 of the 8 rows) 5 x 16 + 4 x 5 x 2 x 4 = 240, output weight 5 x 24 + 4 x 5 x 4 x 4 = 440, bias
+    # 5 x 12 + 4 x 5 x 4 = 140; the largest, 440.
+    assert plan.terms() == {**adam, "gradients": gradients, "optimizer_step": 440}
     assert adam["optimizer"] == plan.terms()["optimizer"] == 528  # the moments stay dense
     # Two torchrun ranks: the flat buffer holds the dense gradients only (124); the sparse rows of both ranks
     # are gathered, padded and then concatenated: 2 x 2 x (128 + 120 + 60) = 1232.
     ranks = estimate(**TINY, **sparse, optimizer="lazy-adam", world_size=2).terms()
     assert ranks["gradient_buffer"] == 124 + 1232
     # ... and RowAdam then steps both ranks' rows: with 1,000 items (so that U = min(W R, n) is W R), the output
-    # weight's 5 rows give 5 x 24 + 2 x 5 x 4 x 4 = 280 alone, its 10 rows 10 x 24 + 2 x 10 x 4 x 4 = 560.
+    # weight's 5 rows give 5 x 24 + 4 x 5 x 4 x 4 = 440 alone, its 10 rows 10 x 24 + 4 x 10 x 4 x 4 = 880.
     wide = {**TINY, "n_items": 1000, **sparse, "optimizer": "lazy-adam"}
-    assert estimate(**wide).terms()["optimizer_step"] == 280
-    assert estimate(**wide, world_size=2).terms()["optimizer_step"] == 560
+    assert estimate(**wide).terms()["optimizer_step"] == 440
+    assert estimate(**wide, world_size=2).terms()["optimizer_step"] == 880
     # With the expected bag length given (2.5 items), B x 2.5 = 5 rows of the item table, not B x L = 8.
     expected = estimate(**TINY, **sparse, optimizer="lazy-adam", mean_bag_length=2.5).terms()
     assert expected["gradients"] == gradients - 3 * 16
