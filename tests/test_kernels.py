@@ -5,9 +5,25 @@ import pytest
 from cases import csr_case, hand_case, random_case
 from reference import assemble_reference
 
+from gpu_ann.kernels import assemble
 from gpu_ann.kernels.assemble import assemble_rows
 
 IMPLICIT = np.empty(0, np.float32)  # length 0: every value 1
+
+
+@pytest.fixture(autouse=True, params=["whole-rows", "column-chunks"])
+def cpu_chunking(request, monkeypatch):
+    """Every test here runs both ways the CPU twin writes a row: zeroed whole (batches that fit the cache)
+    and in column chunks (larger ones), forced here whatever the batch's size. The chunks are 3 columns, so
+    that tiny rows span several and their entries and targets fall on chunk edges; the large-offset test
+    keeps the default 1,024 (3 would take minutes at 2**20 columns)."""
+    if request.param == "whole-rows":
+        monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", 2**62)
+    else:
+        monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", 0)
+        if request.node.get_closest_marker("slow") is None:
+            monkeypatch.setattr(assemble, "CPU_CHUNK_COLUMNS", 3)
+    return request.param
 
 
 def run_cpu(indptr, indices, users, items, batch, n_items, buffer_rows=None, values=IMPLICIT):

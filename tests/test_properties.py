@@ -148,27 +148,30 @@ def names_row(message: str, row: int) -> bool:
 def test_cpu_kernel_matches_reference_and_bf16_is_torchs_rounding(case):
     """The CPU kernel equals the slow reference on any valid CSR, samples and batch (fp32, rtol 1e-6),
     its bf16 output is torch's float32 -> bfloat16 conversion of the fp32 output bit for bit, and buffer
-    rows past the batch are never written."""
+    rows past the batch are never written. Both ways of writing a row: whole, and in column chunks (of 1
+    and 4 columns here, forced whatever the batch's size)."""
     rows, n_cols, users, items, batch, spare = case
     indptr, indices = to_csr(rows)
     n = len(batch)
     width = n_cols + 3
-
-    out = np.full((n + spare, width), np.nan, dtype=np.float32)
-    labels = np.full(n + spare, -7, dtype=np.int64)
-    assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, out, labels, target="cpu")
     ref, ref_labels = assemble_reference(indptr, indices, users, items, batch, n_cols)
-    np.testing.assert_allclose(out[:n], ref, rtol=1e-6, atol=0)
-    np.testing.assert_array_equal(labels[:n], ref_labels)
-    assert np.isnan(out[n:]).all() and (labels[n:] == -7).all()
 
-    bits = np.full((n + spare, width), 0xFFFF, dtype=np.uint16)
-    labels16 = np.full(n + spare, -7, dtype=np.int64)
-    assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, bits, labels16, target="cpu")
-    expected = torch.from_numpy(np.ascontiguousarray(out[:n])).to(torch.bfloat16).view(torch.uint16).numpy()
-    np.testing.assert_array_equal(bits[:n], expected)
-    np.testing.assert_array_equal(labels16[:n], ref_labels)
-    assert (bits[n:] == 0xFFFF).all() and (labels16[n:] == -7).all()
+    for min_bytes, columns in ((2**62, 1024), (0, 1), (0, 4)):
+        with mock.patch.multiple(assemble_module, CPU_CHUNK_MIN_BYTES=min_bytes, CPU_CHUNK_COLUMNS=columns):
+            out = np.full((n + spare, width), np.nan, dtype=np.float32)
+            labels = np.full(n + spare, -7, dtype=np.int64)
+            assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, out, labels, target="cpu")
+            np.testing.assert_allclose(out[:n], ref, rtol=1e-6, atol=0)
+            np.testing.assert_array_equal(labels[:n], ref_labels)
+            assert np.isnan(out[n:]).all() and (labels[n:] == -7).all()
+
+            bits = np.full((n + spare, width), 0xFFFF, dtype=np.uint16)
+            labels16 = np.full(n + spare, -7, dtype=np.int64)
+            assemble_rows(indptr, indices, np.empty(0, np.float32), users, items, batch, bits, labels16, target="cpu")
+            expected = torch.from_numpy(np.ascontiguousarray(out[:n])).to(torch.bfloat16).view(torch.uint16).numpy()
+            np.testing.assert_array_equal(bits[:n], expected)
+            np.testing.assert_array_equal(labels16[:n], ref_labels)
+            assert (bits[n:] == 0xFFFF).all() and (labels16[n:] == -7).all()
 
 
 @settings(max_examples=150, deadline=None)
