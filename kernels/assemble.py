@@ -51,8 +51,8 @@ MAX_BLOCKS = 65535
 
 # CPU twin: a batch larger than the last-level cache is written in chunks of this many columns, each zeroed
 # and then given its entries while it is still in L1. Measured on the 2-core machine (bench/README.md) at
-# 17,500 columns: 5-15% faster at B = 1,024 and 25-33% at 4,096. A batch that fits the cache is faster zeroed
-# a whole row at a time (20-40% at B = 256), so the launcher chooses by the bytes it writes.
+# 17,500 columns: 1.1-3.6x faster at B = 1,024-8,192. A batch that fits the cache is faster zeroed a whole
+# row at a time (20-40% at B = 256), so the launcher chooses by the bytes it writes.
 CPU_CHUNK_COLUMNS = 1024
 # Batches writing more bytes than this are chunked; None: the last-level cache's size (last_level_cache_bytes).
 CPU_CHUNK_MIN_BYTES = None
@@ -159,6 +159,15 @@ def assemble_rows_cpu(indptr, indices, values, sample_users, sample_items, batch
         labels[r] = t
 
 
+def cache_size_bytes(text: str) -> int | None:
+    """A size as Linux's sysfs writes a cache's (``"32768K"``, ``"2M"``, ``"512"``) in bytes; None if not one."""
+    text = text.strip()
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    scale = units.get(text[-1:], 1)
+    digits = text[:-1] if text[-1:] in units else text
+    return int(digits) * scale if digits.isdigit() else None
+
+
 @functools.cache
 def last_level_cache_bytes() -> int:
     """The largest CPU cache's size, from Linux's sysfs; 32 MiB where it cannot be read."""
@@ -166,14 +175,11 @@ def last_level_cache_bytes() -> int:
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
             with open(path) as f:
-                text = f.read().strip()
+                size = cache_size_bytes(f.read())
         except OSError:
             continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        if text[-1:] in units and text[:-1].isdigit():
-            sizes.append(int(text[:-1]) * units[text[-1]])
-        elif text.isdigit():
-            sizes.append(int(text))
+        if size:
+            sizes.append(size)
     return max(sizes, default=32 * 2**20)
 
 

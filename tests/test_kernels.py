@@ -207,3 +207,15 @@ def test_int64_indptr_rows_past_2_pow_31_stored_entries():
     # Four entries remain (the target 2 is not among them), all at column 6: w = 4.
     np.testing.assert_allclose(out[0, :9], [0, 0, 0, 0, 0, 0, 0.25, 0, 0])
     np.testing.assert_allclose(out[0, 9:], [4 / 9, np.sqrt(4 / 9), (4 / 9) ** 2], rtol=1e-6)
+
+
+def test_cache_sizes_are_read_as_sysfs_writes_them_and_decide_the_chunking(monkeypatch):
+    assert assemble.cache_size_bytes("32768K\n") == 32 * 2**20
+    assert assemble.cache_size_bytes("2M") == 2 * 2**20 and assemble.cache_size_bytes("512") == 512
+    assert assemble.cache_size_bytes("") is None and assemble.cache_size_bytes("big") is None
+    # Chunked exactly when the rows written hold more bytes than the limit: 4 x 103 x 4 = 1,648 bytes here.
+    out = np.empty((8, 103), np.float32)
+    monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", 1648)
+    assert assemble.cpu_chunk_columns(4, out) == 0 and assemble.cpu_chunk_columns(5, out) == assemble.CPU_CHUNK_COLUMNS
+    monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", None)  # the machine's own cache: at least a few KiB
+    assert assemble.last_level_cache_bytes() >= 2**12
