@@ -39,6 +39,9 @@ log = logging.getLogger("gpu_ann.distributed")
 # last evaluation: the core showed ProcessGroupGloo::runLoop freeing an all-reduce's work during
 # Py_FinalizeEx's garbage collection). Held here, the worker's release never frees them.
 _RECENT_COLLECTIVE_TENSORS: collections.deque = collections.deque(maxlen=16)
+# The same for lazy Adam's gathers (Replicas._average_sparse), one entry per parameter, replaced at its next
+# gather: a step's gathered rows are too large for the deque above, whose 16 places later collectives take over.
+_LAST_SPARSE_GATHERS: dict[int, tuple] = {}
 
 
 def _hold(*tensors: torch.Tensor) -> None:
@@ -282,9 +285,9 @@ class Replicas:
             rows, values = grad.indices()[0], grad.values()
         count = torch.tensor([rows.numel()], dtype=torch.int64, device=p.device)
         counts = [torch.empty_like(count) for _ in range(self.world_size)]
-        # Only the counts are held (see _hold): the step's gathers are always followed by the evaluation's and
-        # the stop agreement's collectives before the interpreter exits, and holding the gathered rows would
-        # keep a few steps' worth of them alive.
+        # The previous step's gathers of p, held until now (below), are released before this step's are made,
+        # so only one step's gathers of p are alive at a time (the planner counts them: gradient_buffer).
+        _LAST_SPARSE_GATHERS.pop(id(p), None)
         _hold(count, *counts)
         dist.all_gather(counts, count)
         sizes = [int(c) for c in counts]  # host-device sync: the padded size of the next two gathers
@@ -297,6 +300,10 @@ class Replicas:
         all_values = [torch.empty_like(padded_values) for _ in range(self.world_size)]
         dist.all_gather(all_rows, padded_rows)
         dist.all_gather(all_values, padded_values)
+        # Held past the interpreter's exit, as _hold does for the others: a gloo worker whose last work was one
+        # of these gathers drops it at shutdown, and must not be the one that frees them (the gloo abort above,
+        # seen once in a two-rank lazy-adam run in CI on 2026-12-04).
+        _LAST_SPARSE_GATHERS[id(p)] = (padded_rows, padded_values, all_rows, all_values)
         if self.failure is None:
             rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes)])
             values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).div_(self.world_size)
