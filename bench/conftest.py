@@ -31,6 +31,7 @@ BASELINE = "dense+full"  # the training-step variant every other one is compared
 # Sizes of the synthetic matrices. "small" keeps the CPU run to a couple of minutes while keeping the
 # catalogue at MyAnimeList-2020 width (17.5k items), where the GPU targets are set.
 SIZES = {
+    "tiny": (3_000, 5_000, 150_000),  # the GPU check's rehearsal on the CPU (bench/gpu_check.py --rehearse)
     "small": (20_000, 17_500, 3_500_000),
     **synthetic.SCALES,
 }
@@ -189,13 +190,13 @@ def summarise(results: list[Measurement]) -> tuple[list[str], list[dict]]:
                     )
                 )
     # Training steps come in several catalogue sizes: their baselines are keyed by size too.
-    steps = {(m.method, m.batch, m.n_items): m for m in results if m.suite == "train-step" and m.dtype == "fp32"}
+    steps = {(m.method, m.batch, m.n_items, m.dtype): m for m in results if m.suite == "train-step"}
     for m in results:
         if m.suite != "train-step":
             continue
         device, _, variant = m.method.partition(" ")  # "step-cuda", "sparse+sampled-1024 compiled"
         on_gpu = device.endswith("cuda")
-        base = steps.get((f"{device} {BASELINE}", m.batch, m.n_items))
+        base = steps.get((f"{device} {BASELINE}", m.batch, m.n_items, "fp32"))
         if base is not None:
             targets.append(
                 dict(
@@ -204,6 +205,20 @@ def summarise(results: list[Measurement]) -> tuple[list[str], list[dict]]:
                     batch=m.batch,
                     what=f"samples/s vs {BASELINE} fp32 eager, same run (n={m.n_items})",
                     ratio=_ratio(m.rows_per_s, base.rows_per_s),
+                    goal=None,
+                )
+            )
+        # Compiled, or with lazy Adam: against the same variant eager with Adam, same dtype and size.
+        plain = m.method.replace(" compiled", "").replace(" lazy-adam", "")
+        same = steps.get((plain, m.batch, m.n_items, m.dtype))
+        if plain != m.method and same is not None:
+            targets.append(
+                dict(
+                    method=m.method,
+                    dtype=m.dtype,
+                    batch=m.batch,
+                    what=f"samples/s vs the same variant eager with Adam (n={m.n_items})",
+                    ratio=_ratio(m.rows_per_s, same.rows_per_s),
                     goal=None,
                 )
             )

@@ -77,6 +77,16 @@ def test_bench_suites_run_and_report_every_ratio(tmp_path):
     for key, m in steps.items():
         assert ratios[key] == pytest.approx(base["seconds"] / m["seconds"], rel=1e-9)
     assert ratios[("step-cpu dense+full", "fp32")] == 1.0
+    # Compiled and lazy-Adam variants also against the same variant eager with Adam, same dtype.
+    same = {
+        (t["method"], t["dtype"]): t["ratio"]
+        for t in results["targets"]
+        if t["what"].startswith("samples/s vs the same variant eager with Adam")
+    }
+    assert set(same) == {k for k in expected_steps if k[0].endswith((" compiled", " lazy-adam"))}
+    for (method, dtype), ratio in same.items():
+        plain = steps[(method.removesuffix(" compiled").removesuffix(" lazy-adam"), dtype)]
+        assert ratio == pytest.approx(plain["seconds"] / steps[(method, dtype)]["seconds"], rel=1e-9)
 
     whats = {t["what"] for t in results["targets"]}
     assert "steps/s vs torch.optim.SparseAdam, same gradients (n=5000)" in whats
