@@ -301,6 +301,11 @@ class CandidateGenerator(nn.Module):
 
     def _split_old_first_layer_state(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict | None:
         """Map an older run's optimiser state (one ``[h0, n + 3]`` first-layer parameter) onto this parameter order."""
+        if "lazy_names" in state_dict:  # torch would fail on the missing key with a bare KeyError
+            raise ValueError(
+                f"the saved optimiser state is lazy Adam's (lazy tables {list(state_dict['lazy_names'])}); "
+                "this optimiser is Adam: was the run trained with --optimizer lazy-adam or auto?"
+            )
         groups = state_dict["param_groups"]
         n_now = sum(len(g["params"]) for g in optimizer.param_groups)
         if len(groups) != 1 or len(optimizer.param_groups) != 1 or len(groups[0]["params"]) != n_now - 1:

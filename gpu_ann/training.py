@@ -160,6 +160,14 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     planned = replicas.attempt(plan_run, cfg, table, splits, assignment, backend, replicas, shard)
     replicas.settle(" in its memory plan")
     path, lazy = planned
+    if resume is not None:
+        # Update lazily what the saved run did (LazyAdam's state names its tables, Adam's names none), not what
+        # --optimizer auto decides today: the rule, or the statistics it reads, may have changed since.
+        saved = tuple(resume[0].optimizer_state.get("lazy_names", ()))
+        if saved != lazy:
+            log.info("resuming with the lazy tables the run was saved with, %s (auto would choose %s now)",
+                     list(saved), list(lazy))  # fmt: skip
+        lazy = saved
 
     # Every rank builds its own part; they agree on the outcome before the first step's collectives.
     built = replicas.attempt(build_run, cfg, table, splits, assignment, backend, replicas, shard, path, lazy)

@@ -262,3 +262,61 @@ def test_resume_with_another_number_of_ranks_is_refused(tmp_path):
     torch.save(state, tmp_path / "run" / STATE_FILE)
     with pytest.raises(CheckpointError, match=r"trained with 2 rank\(s\) and is resumed with 1"):
         training.resume_run(tmp_path / "run")
+
+
+def _lazy_table():
+    from gpu_ann.data.table import RatingsTable
+
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(40), 6).astype(np.int32)
+    items = np.concatenate([rng.choice(30, 6, replace=False) for _ in range(40)]).astype(np.int32)
+    return RatingsTable(users, items, None, None, np.arange(40), np.arange(30), None, source="tiny")
+
+
+def test_resume_keeps_the_saved_runs_lazy_tables_when_auto_would_now_choose_others(tmp_path, monkeypatch):
+    # auto makes this run's output layer lazy (16 + 8 rows a step of 30). If the rule changes between the
+    # save and the resume (here: it would choose nothing), the resumed run must still update what it saved.
+    import dataclasses
+
+    import gpu_ann.run_setup as run_setup
+    import gpu_ann.training as training
+
+    cfg = training.TrainConfig(
+        backend="cpu", batch_size=16, hidden=(8, 8, 8), max_steps=12, eval_every=4, eval_batches=1, patience=100,
+        seed=3, input_path="sparse", softmax="sampled", negatives=8, optimizer="auto",
+    )  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    training.train(dataclasses.replace(cfg, out=str(whole)), _lazy_table())
+    assert load_resume_state(whole).optimizer_state["lazy_names"] == ["out.weight", "out.bias"]
+
+    class Crash(Exception):
+        pass
+
+    real = training.save_resume_state
+
+    def save_then_crash(run_dir, state):
+        real(run_dir, state)
+        if state.step == 8:
+            raise Crash
+
+    monkeypatch.setattr(training, "save_resume_state", save_then_crash)
+    with pytest.raises(Crash):
+        training.train(dataclasses.replace(cfg, out=str(cut)), _lazy_table())
+    monkeypatch.setattr(training, "save_resume_state", real)
+    monkeypatch.setattr(run_setup, "lazy_tables", lambda *args: ())  # the rule as it might read one day
+    training.resume_run(cut)
+    a, b = load_resume_state(whole), load_resume_state(cut)
+    assert a.finished and b.finished and a.step == b.step == 12
+    assert b.optimizer_state["lazy_names"] == ["out.weight", "out.bias"]
+    assert all(torch.equal(a.model_state[k], b.model_state[k]) for k in a.model_state)
+
+
+def test_adam_refuses_lazy_adams_state_with_a_message():
+    from gpu_ann.model import CandidateGenerator
+
+    model = CandidateGenerator(30, (8, 8, 8))
+    lazy = model.configure_optimizer(1e-2, ("out.weight", "out.bias")).state_dict()
+    with pytest.raises(
+        ValueError, match=r"lazy Adam's \(lazy tables \['out.weight', 'out.bias'\]\); this optimiser is Adam"
+    ):
+        model.configure_optimizer(1e-2, ()).load_state_dict(lazy)
