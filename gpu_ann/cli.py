@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -80,6 +81,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
             or isinstance(default, bool)
             or not action.option_strings
             or "default" in text
+            or default == ()  # an empty list: "(default: )" says nothing
         ):
             return text
         shown = ",".join(str(v) for v in default) if isinstance(default, tuple | list) else default
@@ -298,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a new user's items: raw item ids or exact titles (any case; quote titles with spaces)",
     )
     rec.add_argument("-k", type=_positive, default=10, help="how many items")
-    rec.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="cpu", help="where to score")
+    rec.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="where to score (cpu by default: one user's scores take less than starting the GPU)",
+    )
 
     sc = sub.add_parser(
         "score",
@@ -333,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="loss of a trained run on one of its splits, next to the popularity baseline",
-        description="Mean cross-entropy of the run's best model on a whole split, and of training popularity.",
+        description="Mean cross-entropy of the run's best model on a whole split and the ranking metrics at --ks "
+        "(recall, NDCG, MRR, ...), next to training popularity's; with --baselines, the same metrics for those.",
         formatter_class=_DefaultsFormatter,
     )
     _checkpoint_flag(ev)
@@ -405,7 +413,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = _train_config(args)
         if main_rank:
-            print("gpu-ann train, effective config (saved as config.toml in the run directory):")
+            print("gpu-ann train, effective config (saved as config.toml in the run directory once it is written):")
             print(to_toml(cfg.to_dict(), "train"), end="")
         result = train(cfg)
     if not main_rank:  # under torchrun only rank 0 reports (the others' results hold no evaluation)
@@ -535,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"train": _train, "recommend": _recommend, "score": _score, "evaluate": _evaluate, "info": _info}
         return commands[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (gpu-ann info --json | head): stop quietly, as other command-line tools do, and
+        # point stdout at /dev/null so that the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except (
         DataError,
         CheckpointError,

@@ -134,6 +134,20 @@ def test_help_shows_real_defaults_the_way_flags_take_them(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.8,0.1,0.1)" in text and "(default: 256,512,256)" in text
     assert "default: None" not in text and "default: True" not in text and "default: False" not in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 20,50,100)" in text and "(default: )" not in text  # --ks has one, --baselines none
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `gpu-ann info --json | head -1`: the pipe closes before the report is written.
+    proc = subprocess.Popen([sys.executable, "-m", "gpu_ann", "info", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 def test_info_reports_this_machine(capsys):

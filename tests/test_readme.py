@@ -32,3 +32,13 @@ def test_readme_example_trains_a_user_defined_model_with_the_loader():
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("epoch")]
     assert len(losses) == 2 and all(0 < loss < 9.0 for loss in losses)  # ln(7157) = 8.88: it learned a little
+
+
+def test_readme_commands_name_data_files_that_a_clone_has():
+    # A newcomer runs them from the clone's root: a path outside it (../shared/...) fails there.
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.+?)\n```", text, re.S)
+    paths = [p for block in blocks for p in re.findall(r"--(?:data|train|validation|test) (\S+)", block)]
+    assert paths, "the README names no data file in its commands"
+    missing = [p for p in paths if not (ROOT / p).is_file()]
+    assert not missing, f"README commands name files a clone does not have: {missing}"
