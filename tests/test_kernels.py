@@ -217,5 +217,36 @@ def test_cache_sizes_are_read_as_sysfs_writes_them_and_decide_the_chunking(monke
     out = np.empty((8, 103), np.float32)
     monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", 1648)
     assert assemble.cpu_chunk_columns(4, out) == 0 and assemble.cpu_chunk_columns(5, out) == assemble.CPU_CHUNK_COLUMNS
-    monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", None)  # the machine's own cache: at least a few KiB
-    assert assemble.last_level_cache_bytes() >= 2**12
+
+
+def test_last_level_cache_is_the_largest_readable_size_else_32_mib(tmp_path, monkeypatch, request):
+    request.addfinalizer(assemble.last_level_cache_bytes.cache_clear)  # later tests read the real machine's
+    cache = tmp_path / "cache"
+    for index, text in (("index0", "48K\n"), ("index2", "1024K\n"), ("index3", "32768K\n"), ("index4", "junk\n")):
+        (cache / index).mkdir(parents=True)
+        (cache / index / "size").write_text(text)
+    (cache / "index1").mkdir()  # a level whose size file is missing: skipped
+    pattern = str(cache / "index*" / "size")
+
+    def fresh_cache_bytes():  # read once per process in use; here after every change
+        assemble.last_level_cache_bytes.cache_clear()
+        return assemble.last_level_cache_bytes()
+
+    real_glob = assemble.glob.glob
+    monkeypatch.setattr(assemble.glob, "glob", lambda _: real_glob(pattern))
+    assert fresh_cache_bytes() == 32768 * 1024
+    (cache / "index3" / "size").write_text("2048K\n")
+    assert fresh_cache_bytes() == 2048 * 1024
+    monkeypatch.setattr(assemble.glob, "glob", lambda _: [])  # no sysfs (not Linux, a sandbox)
+    assert fresh_cache_bytes() == 32 * 2**20
+    monkeypatch.setattr(assemble.glob, "glob", lambda _: [str(cache / "index4" / "size")])  # nothing readable
+    assert fresh_cache_bytes() == 32 * 2**20
+    # The launcher takes its limit from there when no test sets one: 4 x 103 x 4 bytes past a 1,600-byte cache.
+    monkeypatch.setattr(assemble, "CPU_CHUNK_MIN_BYTES", None)
+    (cache / "index3" / "size").write_text("1600\n")
+    for index in ("index0", "index2"):
+        (cache / index / "size").write_text("1K\n")
+    monkeypatch.setattr(assemble.glob, "glob", lambda _: real_glob(pattern))
+    assemble.last_level_cache_bytes.cache_clear()
+    out = np.empty((8, 103), np.float32)
+    assert assemble.cpu_chunk_columns(3, out) == 0 and assemble.cpu_chunk_columns(4, out) == assemble.CPU_CHUNK_COLUMNS
