@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info",
         help="the environment: versions, usable backends and why not, the device",
-        description="Print Python, torch, numba, numba-cuda and cupy versions, which backends can run and why "
-        "not, and the GPU with its memory and CUDA versions.",
+        description="Print the Python and platform, the versions of torch, numpy, scipy, numba, numba-cuda, cupy, "
+        "pandas and pyarrow, which backends can run and why not, and the GPU with its memory and CUDA versions.",
         formatter_class=_DefaultsFormatter,
     )
     info.add_argument("--json", action="store_true", help="print the report as JSON")
