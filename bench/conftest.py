@@ -152,6 +152,10 @@ def summarise(results: list[Measurement]) -> tuple[list[str], list[dict]]:
         )
     by = {(m.suite, m.method, m.batch, m.dtype): m for m in results}
     targets = []
+
+    def target(m: Measurement, what: str, ratio: float, goal: float | None = None) -> None:
+        targets.append(dict(method=m.method, dtype=m.dtype, batch=m.batch, what=what, ratio=ratio, goal=goal))
+
     for (suite, method, batch, dtype), m in by.items():
         if suite != "assembly" or not method.startswith("gpu-ann"):
             continue
@@ -163,32 +167,14 @@ def summarise(results: list[Measurement]) -> tuple[list[str], list[dict]]:
         ):
             b = by.get(("assembly", base, batch, "fp32"))
             if b:
-                targets.append(
-                    dict(
-                        method=method,
-                        dtype=dtype,
-                        batch=batch,
-                        what=what,
-                        ratio=_ratio(m.rows_per_s, b.rows_per_s),
-                        goal=goal,
-                    )
-                )
+                target(m, what, _ratio(m.rows_per_s, b.rows_per_s), goal)
         for base, goal, what in (
             ("parallel-memset", 0.7, "bytes/s vs parallel memset of the same buffer"),
             ("device-copy", 0.8, "bytes/s vs device-to-device copy (read + write)"),
         ):
             b = by.get(("ceiling", base, batch, dtype))
             if b:
-                targets.append(
-                    dict(
-                        method=method,
-                        dtype=dtype,
-                        batch=batch,
-                        what=what,
-                        ratio=_ratio(m.gb_per_s, b.gb_per_s),
-                        goal=goal,
-                    )
-                )
+                target(m, what, _ratio(m.gb_per_s, b.gb_per_s), goal)
     # Training steps come in several catalogue sizes: their baselines are keyed by size too.
     steps = {(m.method, m.batch, m.n_items, m.dtype): m for m in results if m.suite == "train-step"}
     for m in results:
@@ -198,65 +184,24 @@ def summarise(results: list[Measurement]) -> tuple[list[str], list[dict]]:
         on_gpu = device.endswith("cuda")
         base = steps.get((f"{device} {BASELINE}", m.batch, m.n_items, "fp32"))
         if base is not None:
-            targets.append(
-                dict(
-                    method=m.method,
-                    dtype=m.dtype,
-                    batch=m.batch,
-                    what=f"samples/s vs {BASELINE} fp32 eager, same run (n={m.n_items})",
-                    ratio=_ratio(m.rows_per_s, base.rows_per_s),
-                    goal=None,
-                )
-            )
+            what = f"samples/s vs {BASELINE} fp32 eager, same run (n={m.n_items})"
+            target(m, what, _ratio(m.rows_per_s, base.rows_per_s))
         # Compiled, or with lazy Adam: against the same variant eager with Adam, same dtype and size.
         plain = m.method.replace(" compiled", "").replace(" lazy-adam", "")
         same = steps.get((plain, m.batch, m.n_items, m.dtype))
         if plain != m.method and same is not None:
-            targets.append(
-                dict(
-                    method=m.method,
-                    dtype=m.dtype,
-                    batch=m.batch,
-                    what=f"samples/s vs the same variant eager with Adam (n={m.n_items})",
-                    ratio=_ratio(m.rows_per_s, same.rows_per_s),
-                    goal=None,
-                )
-            )
+            what = f"samples/s vs the same variant eager with Adam (n={m.n_items})"
+            target(m, what, _ratio(m.rows_per_s, same.rows_per_s))
         if "assembly_fraction" in m.extra:
             # The 5% goal is the dense design's: a sparse step is so much cheaper that its share is larger.
-            targets.append(
-                dict(
-                    method=m.method,
-                    dtype=m.dtype,
-                    batch=m.batch,
-                    what=f"assembly share of the step (n={m.n_items})",
-                    ratio=m.extra["assembly_fraction"],
-                    goal=0.05 if m.dtype == "bf16" and on_gpu and variant == BASELINE else None,
-                )
-            )
-        targets.append(
-            dict(
-                method=m.method,
-                dtype=m.dtype,
-                batch=m.batch,
-                what=f"samples/s vs the notebook's 300 rows/s (n={m.n_items})",
-                ratio=m.rows_per_s / 300.0,
-                goal=10_000.0 if on_gpu else None,
-            )
-        )
+            goal = 0.05 if m.dtype == "bf16" and on_gpu and variant == BASELINE else None
+            target(m, f"assembly share of the step (n={m.n_items})", m.extra["assembly_fraction"], goal)
+        goal = 10_000.0 if on_gpu else None
+        target(m, f"samples/s vs the notebook's 300 rows/s (n={m.n_items})", m.rows_per_s / 300.0, goal)
     lazy = {m.method: m for m in results if m.suite == "optimizer-step"}
     if "row-adam" in lazy and "torch-sparse-adam" in lazy:
         m, base = lazy["row-adam"], lazy["torch-sparse-adam"]
-        targets.append(
-            dict(
-                method=m.method,
-                dtype=m.dtype,
-                batch=m.batch,
-                what=f"steps/s vs torch.optim.SparseAdam, same gradients (n={m.n_items})",
-                ratio=_ratio(base.seconds, m.seconds),
-                goal=None,
-            )
-        )
+        target(m, f"steps/s vs torch.optim.SparseAdam, same gradients (n={m.n_items})", _ratio(base.seconds, m.seconds))
     lines += ["", "| target | method | dtype | batch | measured ratio | goal |", "|---|---|---|---|---|---|"]
     for t in targets:
         goal = "" if t["goal"] is None else (f"≤ {t['goal']:g}" if "share" in t["what"] else f"≥ {t['goal']:g}")
