@@ -1,0 +1,99 @@
+"""Lazy Adam's row groups: the output layer's weight and bias coalesced with one sort, equal to the bit to
+coalescing each; LazyAdam against torch's SparseAdam and Adam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_ann.bags import Bags
+from gpu_ann.model import CandidateGenerator
+from gpu_ann.objective import Objective
+from gpu_ann.optim import coalesce_together, lazy_parameter_names, row_groups, shares_rows
+from gpu_ann.sampled import NegativeSampler
+
+CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+def test_row_groups_pair_the_output_layers_weight_and_bias():
+    both = ("embed.item_table", "out.weight", "out.bias")
+    assert row_groups(both) == (("embed.item_table",), ("out.weight", "out.bias"))
+    assert row_groups(("out.bias", "out.weight")) == (("out.weight", "out.bias"),)
+    assert row_groups(("embed.item_table",)) == (("embed.item_table",),)
+    assert row_groups(("out.weight",)) == (("out.weight",),)  # half a pair is a table alone
+    assert row_groups(()) == ()
+
+
+def _shared(device: str, n: int = 40, nnz: int = 300, width: int = 5, seed: int = 0) -> tuple:
+    """A weight's and a bias's uncoalesced gradients on one index tensor, rows repeated many times."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, n, (1, nnz), generator=gen).to(device)
+    weight = torch.randn(nnz, width, generator=gen).to(device)
+    bias = torch.randn(nnz, generator=gen).to(device)
+    make = lambda v, shape: torch.sparse_coo_tensor(rows, v, shape, check_invariants=True)  # noqa: E731
+    return make(weight, (n, width)), make(bias, (n,))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_coalescing_together_equals_coalescing_each_bit_for_bit(device):
+    weight, bias = _shared(device)
+    assert shares_rows([weight, bias])
+    together = coalesce_together([weight, bias])
+    for got, alone in zip(together, (weight.coalesce(), bias.coalesce())):
+        assert got.is_coalesced() and got.shape == alone.shape
+        assert torch.equal(got.indices(), alone.indices())
+        assert torch.equal(got.values(), alone.values())  # the same additions in the same order, per column
+        assert got.coalesce() is got  # RowAdam's coalesce returns it as it is: no second sort
+    assert together[0].indices().data_ptr() == together[1].indices().data_ptr()  # one row tensor for both
+    # Gradients on different index tensors (equal or not) do not count as sharing.
+    other = torch.sparse_coo_tensor(bias._indices().clone(), bias._values(), bias.shape, check_invariants=True)
+    assert not shares_rows([weight, other])
+
+
+def _bags() -> Bags:
+    # Three rows: items {1, 4}, {4, 7, 8}, {} (an empty bag); item 4 in two bags.
+    return Bags(
+        torch.tensor([1, 4, 4, 7, 8]),
+        torch.tensor([0, 2, 5, 5]),
+        torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0]),
+        torch.rand(3, 3, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([3, 8, 8]),
+    )
+
+
+def test_lazy_adam_sorts_each_row_group_once_and_steps_as_sparse_adam(monkeypatch):
+    # The reference: torch's SparseAdam on the lazy parameters (each gradient coalesced on its own) and Adam on
+    # the others. LazyAdam coalesces the output layer's weight and bias together and must give the same bits.
+    torch.manual_seed(0)
+    models = [CandidateGenerator(20, (4, 6, 5)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0].out.bias.detach().clone()
+    lazy = lazy_parameter_names("sparse", "sampled")
+    objectives = [Objective(m, NegativeSampler(20, 6, "uniform", seed=3), sparse_grad=lazy) for m in models]
+    ours = models[0].configure_optimizer(1e-2, lazy)
+    named = dict(models[1].named_parameters())
+    sparse_adam = torch.optim.SparseAdam([named[n] for n in lazy], lr=1e-2)
+    adam = torch.optim.Adam([p for n, p in named.items() if n not in lazy], lr=1e-2)
+    sorts = []
+    coalesce = torch.Tensor.coalesce
+
+    def counted(self):
+        sorts.extend([] if self.is_coalesced() else [tuple(self.shape)])  # a coalesced tensor is returned as is
+        return coalesce(self)
+
+    for _ in range(3):
+        for model, objective in zip(models, objectives):
+            model.zero_grad(set_to_none=True)
+            objective.loss(_bags()).backward()
+        monkeypatch.setattr(torch.Tensor, "coalesce", counted)
+        ours.step()
+        monkeypatch.setattr(torch.Tensor, "coalesce", coalesce)
+        sparse_adam.step()
+        adam.step()
+        # One sort per row group: the output layer's weight beside its bias (5 + 1 columns), then the item
+        # table alone (4 columns), in RowAdam; RowAdam finds the output layer's gradients coalesced.
+        assert sorts == [(20, 6), (20, 4)], sorts
+        sorts.clear()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(models[0].out.bias, start)  # the output layer did move
