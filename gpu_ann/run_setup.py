@@ -25,7 +25,7 @@ from gpu_ann.loader import BatchLoader
 from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
-from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names, lazy_tables
+from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names, lazy_tables, row_groups
 from gpu_ann.path_cost import PATHS, row_statistics, step_bytes
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
@@ -189,7 +189,7 @@ class Run:
     popularity: float
     model: CandidateGenerator
     optimizer: object
-    lazy_params: list
+    lazy_groups: list  # tuples of the lazy parameters, by shared rows (gpu_ann.optim.row_groups)
     sampler: NegativeSampler | None
     objective: Objective
     run_log: RunLog | None
@@ -243,7 +243,10 @@ def build_run(cfg: TrainConfig, table, splits, assignment, backend, replicas: Re
     model = CandidateGenerator(n_items, cfg.hidden).to(backend.torch_device)
     # Lazy Adam (lazy_tables, in plan_run): sparse gradients for those item tables, and updates of the rows touched.
     optimizer = model.configure_optimizer(cfg.lr, lazy)
-    lazy_params = [dict(model.named_parameters())[name] for name in lazy]  # their gradients are sparse
+    # Their gradients are sparse; under torchrun each group (the output layer's weight and bias share their
+    # rows) is gathered and coalesced as one.
+    named = dict(model.named_parameters())
+    lazy_groups = [tuple(named[name] for name in group) for group in row_groups(lazy)]
     sampler = negative_sampler(cfg, splits, n_items, backend.torch_device)
     objective = Objective(model, sampler, cfg.precision, cfg.compile, sparse_grad=lazy)
 
@@ -255,7 +258,7 @@ def build_run(cfg: TrainConfig, table, splits, assignment, backend, replicas: Re
         popularity,
         model,
         optimizer,
-        lazy_params,
+        lazy_groups,
         sampler,
         objective,
         run_log,

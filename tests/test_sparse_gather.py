@@ -1,7 +1,10 @@
 """Lazy Adam's row groups: the output layer's weight and bias coalesced with one sort, equal to the bit to
-coalescing each; LazyAdam against torch's SparseAdam and Adam."""
+coalescing each; LazyAdam against torch's SparseAdam and Adam; and, on a GPU, the host-device syncs of a
+torchrun step (the gathers of ``gpu_ann.sparse_gather`` faked in one process)."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch
 from gpu_ann.bags import Bags
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import Objective
-from gpu_ann.optim import coalesce_together, lazy_parameter_names, row_groups, shares_rows
+from gpu_ann.optim import RowAdam, coalesce_together, lazy_parameter_names, row_groups, shares_rows
 from gpu_ann.sampled import NegativeSampler
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
@@ -97,3 +100,53 @@ def test_lazy_adam_sorts_each_row_group_once_and_steps_as_sparse_adam(monkeypatc
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(models[0].out.bias, start)  # the output layer did move
+
+
+def _syncs(fn) -> int:
+    """The host-device syncs torch sees while ``fn()`` runs (its sync debug mode warns at each)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_a_torchrun_step_syncs_twice_per_row_group_and_once_for_the_counts():
+    # The step of a two-rank run without its collectives: the gathers are faked in one process (both "ranks"
+    # send this one's rows). Each row group is coalesced on the rank and again once gathered; the row counts
+    # of every group are read on the host once; RowAdam then sorts nothing.
+    from gpu_ann import sparse_gather
+
+    def two_ranks(out, tensor):
+        out.view(2, -1).copy_(tensor.unsqueeze(0).expand(2, -1))
+        return [out, tensor]
+
+    weight_grad, bias_grad = _shared("cuda", width=5)
+    table_grad = _shared("cuda", width=4, seed=1)[0]
+    table, weight, bias = (
+        torch.nn.Parameter(torch.zeros(g.shape, device="cuda")) for g in (table_grad, weight_grad, bias_grad)
+    )
+    groups = [(table,), (weight, bias)]
+    optimizer = RowAdam([table, weight, bias])
+    # A coalesce learns how many distinct rows there are: a sync inside thrust, which torch's debug mode may
+    # not see, so the count of one coalesce is measured rather than assumed.
+    per_coalesce = _syncs(lambda: table_grad.coalesce())
+
+    def step():
+        local = [sparse_gather.local_rows(g) for g in ([table_grad], [weight_grad, bias_grad])]
+        gathered, _ = sparse_gather.gather_rows(local, 2, gather=two_ranks)
+        for group, (rows, values) in zip(groups, gathered):
+            for p, grad in zip(group, sparse_gather.merged_gradients(rows, values, 2, group)):
+                p.grad = grad
+        optimizer.step()
+
+    assert _syncs(step) == 2 * len(groups) * per_coalesce + 1
+    # Both "ranks" sent the same rows: their mean is this rank's gradient, and RowAdam moved exactly those rows.
+    assert torch.equal(weight.grad.to_dense(), weight_grad.coalesce().to_dense())
+    moved = set(weight.detach().ne(0).any(dim=1).nonzero().flatten().tolist())
+    assert moved == set(weight_grad._indices()[0].tolist())
