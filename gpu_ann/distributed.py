@@ -40,7 +40,8 @@ log = logging.getLogger("gpu_ann.distributed")
 # ("terminate called without an active exception", seen about once in 30 two-rank runs, at exit after the
 # last evaluation: the core showed ProcessGroupGloo::runLoop freeing an all-reduce's work during
 # Py_FinalizeEx's garbage collection). Held here, the worker's release never frees them. Lazy Adam's gathers
-# are held by their Replicas instead, one step's at a time (see Replicas._average_sparse).
+# are held by their Replicas instead, one step's at a time (see Replicas._average_sparse), and handed over
+# here, as one entry, when it closes.
 _RECENT_COLLECTIVE_TENSORS: collections.deque = collections.deque(maxlen=16)
 
 
@@ -284,7 +285,7 @@ class Replicas:
         gathered, held = sparse_gather.gather_rows(local, self.world_size)
         # Held past the gloo worker's release, as _hold does for the others: a worker whose last work was one of
         # these gathers drops it at shutdown, and must not be the one that frees them (the gloo abort above,
-        # seen once in a two-rank lazy-adam run in CI on 2026-12-04).
+        # seen once in a two-rank lazy-adam run in CI on 2026-12-04). close() hands them to the module's hold.
         self._last_sparse_gathers = held
         if self.failure is None:
             for group, (rows, values) in zip(groups, gathered):
@@ -394,7 +395,15 @@ class Replicas:
         return bool(self._sum_with_flags(decision, what)[0].item())  # host-device sync (already one above)
 
     def close(self) -> None:
-        """Leave the process group this object joined (a no-op otherwise)."""
+        """Leave the process group this object joined (a no-op otherwise), and let go of the last sparse gathers.
+
+        Those go to the module's bounded hold (:data:`_RECENT_COLLECTIVE_TENSORS`), as one entry: a gloo worker
+        may still release them, so they stay referenced until the interpreter exits or, in a process that
+        trains again, until later collectives take their place.
+        """
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
+        if self._last_sparse_gathers is not None:
+            _RECENT_COLLECTIVE_TENSORS.append(tuple(self._last_sparse_gathers))
+            self._last_sparse_gathers = None

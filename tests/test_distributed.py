@@ -278,3 +278,53 @@ def test_a_lazy_step_gathers_every_table_with_three_collectives_and_one_read(tmp
         assert got["coalesced"] == [True, True, True] and got["shared_rows"]
         assert got["dense"] == [1.5, 1.5]
         assert list(got["without"]) == (["gloo"] if fallback else [])
+
+
+def _held_gathers_worker(rank: int) -> dict:
+    import gc
+    import weakref
+
+    from gpu_ann import distributed
+    from gpu_ann.distributed import Replicas
+
+    params = {k: torch.nn.Parameter(torch.zeros(g.shape)) for k, g in _lazy_gradients(0).items()}
+    groups = [(params["table"],), (params["weight"], params["bias"])]
+
+    def step(replicas) -> list:
+        for k, g in _lazy_gradients(rank).items():
+            params[k].grad = g
+        replicas.average_gradients(params.values(), sparse=groups)
+        return [weakref.ref(t) for t in replicas._last_sparse_gathers]
+
+    def alive(refs) -> list:
+        gc.collect()
+        return [r() is not None for r in refs]
+
+    first = Replicas("cpu")
+    one, two = step(first), step(first)
+    got = dict(after_two_steps=(alive(one), alive(two)))
+    first.close()
+    last = distributed._RECENT_COLLECTIVE_TENSORS[-1]
+    got["handed_over"] = first._last_sparse_gathers is None and all(a is r() for a, r in zip(last, two, strict=True))
+    del last
+    # A second run in the same process starts with none of the first's, which stay referenced (a gloo worker
+    # may still release them) until later collectives take their place in the bounded hold.
+    second = Replicas("cpu")
+    got["second_starts_empty"] = second._last_sparse_gathers is None
+    step(second)
+    got["first_run_kept"] = alive(two)
+    for _ in range(distributed._RECENT_COLLECTIVE_TENSORS.maxlen):
+        distributed._hold(torch.zeros(1))
+    got["first_run_released"] = alive(two)
+    return got
+
+
+def test_sparse_gathers_are_held_one_step_at_a_time_by_their_run(tmp_path):
+    for got in run_two_ranks(_held_gathers_worker, tmp_path):
+        # Six tensors a step (the counts, rows and values, sent and gathered); the first step's are gone once
+        # the second step's exist: never more than one step's.
+        first, second = got["after_two_steps"]
+        assert first == [False] * 6 and second == [True] * 6
+        assert got["handed_over"] and got["second_starts_empty"]
+        assert got["first_run_kept"] == [True] * 6
+        assert got["first_run_released"] == [False] * 6
