@@ -350,18 +350,24 @@ def lazy_tables(
     mean_bag_length: float,
     negatives: int = 0,
     compile: bool = False,
+    world_size: int = 1,
 ) -> tuple[str, ...]:
     """The parameters a run updates lazily, for ``--optimizer`` and the run's sizes.
 
     ``"adam"``: none. ``"lazy-adam"``: every table :func:`lazy_parameter_names` names. ``"auto"`` (the
     default): each of those tables whose sparse gradient has fewer rows than the table itself, the rows a
-    step reads: the first layer's item table when ``batch_size * mean_bag_length < n_items`` (one row per
-    bag entry), the output layer when ``batch_size + negatives < n_items``; none under ``compile``, which
-    cannot trace sparse gradients. Fewer rows than the table is where the sparse gradient is the smaller
-    one and lazy Adam touches less than Adam would: measured on the 2-core CPU machine, at 17,500 items and
-    batch 1,024 (about 250,000 bag entries) lazy Adam on the item table made the step 2.8x slower, on the
-    output layer alone (2,048 rows) 1.18x faster, and at 10**6 items and batch 256 on both tables 17.8x
-    faster (``bench/README.md``).
+    step reads on all ``W = world_size`` ranks together: the first layer's item table when
+    ``W * batch_size * mean_bag_length < n_items`` (one row per bag entry), the output layer when
+    ``W * (batch_size + negatives) < n_items``; none under ``compile``, which cannot trace sparse gradients.
+    Fewer rows than the table is where the sparse gradient is the smaller one and lazy Adam touches less
+    than Adam would: measured on the 2-core CPU machine, at 17,500 items and batch 1,024 (about 250,000 bag
+    entries) lazy Adam on the item table made the step 2.8x slower, on the output layer alone (2,048 rows)
+    1.18x faster, and at 10**6 items and batch 256 on both tables 17.8x faster (``bench/README.md``).
+
+    Under ``torchrun`` every rank's rows count: each rank sends its own (the negatives too, though every
+    rank draws the same), the all-gather moves about ``W R (4 d + 8)`` bytes to each rank where the ring
+    all-reduce of the dense gradient moves about ``2 n d 4``, and RowAdam then steps on all ``W R`` rows
+    (the planner counts ``min(W R, n)`` of them). Every rank gets the same answer from the same sizes.
 
     Parameters
     ----------
@@ -379,6 +385,8 @@ def lazy_tables(
         Sampled negatives per step (with the sampled softmax).
     compile : bool
         The loss is compiled with ``torch.compile``.
+    world_size : int
+        Ranks of a ``torchrun`` run (1 outside one), each with a batch of ``batch_size``.
 
     Returns
     -------
@@ -388,18 +396,20 @@ def lazy_tables(
     Raises
     ------
     ValueError
-        An unknown ``optimizer``.
+        An unknown ``optimizer``, or ``world_size`` below 1.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
     names = lazy_parameter_names(path, softmax)
     if optimizer == "lazy-adam":
         return names
     if optimizer == "adam" or compile:
         return ()
     chosen = ()
-    if "embed.item_table" in names and batch_size * mean_bag_length < n_items:
+    if "embed.item_table" in names and world_size * batch_size * mean_bag_length < n_items:
         chosen += ("embed.item_table",)
-    if "out.weight" in names and batch_size + negatives < n_items:
+    if "out.weight" in names and world_size * (batch_size + negatives) < n_items:
         chosen += ("out.weight", "out.bias")
     return chosen

@@ -146,8 +146,10 @@ def plan_run(
     plan = memory_plan(cfg, table, splits, assignment, backend, replicas, shard)
     s = plan.settings
     path = s["path"]
+    # Every rank's rows count (the gather moves them all, RowAdam steps on them all): the planner's rule too.
     lazy = lazy_tables(cfg.optimizer, path, cfg.softmax, table.n_items, cfg.batch_size, s["mean_bag_length"],
-                       cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile)  # fmt: skip
+                       cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile,
+                       world_size=replicas.world_size)  # fmt: skip
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:
