@@ -225,7 +225,7 @@ class Replicas:
         sparse : iterable of torch.nn.Parameter or of tuples of them
             Those of ``parameters`` whose gradients are sparse COO tensors (the same on every rank and call).
             A tuple is a row group: parameters whose gradients share one index tensor (the output layer's
-            weight and bias, :func:`gpu_ann.optim.row_groups`), gathered and coalesced as one.
+            weight and bias, :func:`gpu_ann.sparse_rows.row_groups`), gathered and coalesced as one.
 
         Raises
         ------

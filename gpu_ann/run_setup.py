@@ -25,12 +25,13 @@ from gpu_ann.loader import BatchLoader
 from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
-from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names, lazy_tables, row_groups
+from gpu_ann.optim import OPTIMIZERS, lazy_parameter_names, lazy_tables
 from gpu_ann.path_cost import PATHS, row_statistics, step_bytes
 from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
 from gpu_ann.sampled import NegativeSampler
 from gpu_ann.sharding import UserShard, shard_users
+from gpu_ann.sparse_rows import row_groups
 from gpu_ann.splits import FOLD_IN, TRAIN
 from gpu_ann.train_config import TrainConfig
 from gpu_ann.values import input_matrix
@@ -191,7 +192,7 @@ class Run:
     popularity: float
     model: CandidateGenerator
     optimizer: object
-    lazy_groups: list  # tuples of the lazy parameters, by shared rows (gpu_ann.optim.row_groups)
+    lazy_groups: list  # tuples of the lazy parameters, by shared rows (gpu_ann.sparse_rows.row_groups)
     sampler: NegativeSampler | None
     objective: Objective
     run_log: RunLog | None

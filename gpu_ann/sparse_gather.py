@@ -2,7 +2,7 @@
 
 The ranks' rows differ, so sparse gradients cannot be summed in place as the dense ones are
 (``Replicas.average_gradients``). Per step, for the lazy tables in row groups (the output layer's weight and
-bias share their rows, :func:`gpu_ann.optim.row_groups`):
+bias share their rows, :func:`gpu_ann.sparse_rows.row_groups`):
 
 1. each rank coalesces each group's gradient once (:func:`local_rows`; on CUDA a host-device sync per group,
    the number of distinct rows);
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from gpu_ann.optim import coalesce_joined, joined_values, shares_rows, split_joined
+from gpu_ann.sparse_rows import coalesce_joined, joined_values, shares_rows, split_joined
 
 # all_gather into one tensor: all_gather_single from torch 2.13 (all_gather_into_tensor is deprecated there).
 _GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

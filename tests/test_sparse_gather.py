@@ -12,8 +12,9 @@ import torch
 from gpu_ann.bags import Bags
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import Objective
-from gpu_ann.optim import RowAdam, coalesce_together, lazy_parameter_names, row_groups, shares_rows
+from gpu_ann.optim import RowAdam, lazy_parameter_names
 from gpu_ann.sampled import NegativeSampler
+from gpu_ann.sparse_rows import coalesce_together, row_groups, shares_rows
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
 
