@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="lazy-adam: the item tables a step reads only rows of (first layer on --input-path sparse, output "
         "layer under --softmax sampled) get sparse gradients and lazy Adam updates of the rows touched, Adam the "
         "rest; adam: Adam everywhere; auto (default): lazy for those tables whose step reads fewer rows than the "
-        "table has (at large catalogues far cheaper than Adam over every row), Adam under --compile",
+        "table has, over all torchrun ranks together (at large catalogues far cheaper than Adam over every row), "
+        "Adam under --compile",
     )
     m.add_argument("--batch-size", type=_positive, default=DEFAULTS.batch_size, help="training batch size")
     m.add_argument(

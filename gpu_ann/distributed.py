@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from gpu_ann import sparse_gather
+
 log = logging.getLogger("gpu_ann.distributed")
 
 # The tensors of the last few collectives, referenced from here until the interpreter tears the module down.
@@ -37,11 +39,10 @@ log = logging.getLogger("gpu_ann.distributed")
 # if the interpreter is already shutting down the thread is ended mid-destructor and the process aborts
 # ("terminate called without an active exception", seen about once in 30 two-rank runs, at exit after the
 # last evaluation: the core showed ProcessGroupGloo::runLoop freeing an all-reduce's work during
-# Py_FinalizeEx's garbage collection). Held here, the worker's release never frees them.
+# Py_FinalizeEx's garbage collection). Held here, the worker's release never frees them. Lazy Adam's gathers
+# are held by their Replicas instead, one step's at a time (see Replicas._average_sparse), and handed over
+# here, as one entry, when it closes.
 _RECENT_COLLECTIVE_TENSORS: collections.deque = collections.deque(maxlen=16)
-# The same for lazy Adam's gathers (Replicas._average_sparse), one entry per parameter, replaced at its next
-# gather: a step's gathered rows are too large for the deque above, whose 16 places later collectives take over.
-_LAST_SPARSE_GATHERS: dict[int, tuple] = {}
 
 
 def _hold(*tensors: torch.Tensor) -> None:
@@ -105,6 +106,9 @@ class Replicas:
         self.device = torch.device("cuda", self.local_rank) if backend_name == "cuda" else torch.device("cpu")
         self._owns_group = False
         self._gradient_buffer: torch.Tensor | None = None
+        # The tensors of the last step's sparse gathers (_average_sparse): held past the gloo worker's release,
+        # as _hold does for the others, but by this run alone, and replaced each step.
+        self._last_sparse_gathers: list | None = None
         self.failure: Exception | None = None
         if self.world_size > 1 and not dist.is_initialized():
             # Rendezvous (MASTER_ADDR / MASTER_PORT or torchrun's --rdzv-* flags) comes from the environment.
@@ -205,22 +209,23 @@ class Replicas:
         """The flat buffer :meth:`average_gradients` all-reduces in: made at its first call, then reused."""
         return self._gradient_buffer
 
-    def average_gradients(
-        self, parameters: Iterable[torch.nn.Parameter], sparse: Iterable[torch.nn.Parameter] = ()
-    ) -> None:
+    def average_gradients(self, parameters: Iterable[torch.nn.Parameter], sparse: Iterable = ()) -> None:
         """Replace every gradient by its mean over the ranks (one all-reduce; waits for the other ranks).
 
         The dense gradients are copied into one flat buffer, all-reduced there and copied back. The buffer
         is made at the first call and reused by every later one, so a step allocates nothing here. Sparse
-        gradients (lazy Adam's item tables) are gathered instead (:meth:`_average_sparse`).
+        gradients (lazy Adam's item tables) are gathered instead, all of them in three collectives and one
+        read of their row counts (:mod:`gpu_ann.sparse_gather`).
 
         Parameters
         ----------
         parameters : iterable of torch.nn.Parameter
             The model's parameters, after ``backward()``; each must have a gradient, and every call must
             pass the same parameters.
-        sparse : iterable of torch.nn.Parameter
+        sparse : iterable of torch.nn.Parameter or of tuples of them
             Those of ``parameters`` whose gradients are sparse COO tensors (the same on every rank and call).
+            A tuple is a row group: parameters whose gradients share one index tensor (the output layer's
+            weight and bias, :func:`gpu_ann.sparse_rows.row_groups`), gathered and coalesced as one.
 
         Raises
         ------
@@ -229,8 +234,8 @@ class Replicas:
         """
         if not self.distributed:
             return
-        sparse = list(sparse)
-        lazy = {id(p) for p in sparse}
+        groups = [(s,) if isinstance(s, torch.Tensor) else tuple(s) for s in sparse]
+        lazy = {id(p) for group in groups for p in group}
         params = [p for p in parameters if id(p) not in lazy]
         sizes = [p.numel() for p in params]
         flat = self._gradient_buffer
@@ -254,60 +259,38 @@ class Replicas:
         if self.failure is None:
             for part, p in zip(parts, params):
                 p.grad.copy_(part.view_as(p.grad))
-        for p in sparse:
-            self._average_sparse(p)
+        if groups:
+            self._average_sparse(groups)
 
-    def _average_sparse(self, p: torch.nn.Parameter) -> None:
-        """Replace ``p``'s sparse gradient by the mean over the ranks: every rank's rows, gathered.
+    def _average_sparse(self, groups: list[tuple]) -> None:
+        """Replace each group's sparse gradients by their mean over the ranks: every rank's rows, gathered.
 
-        The rows differ between ranks, so they cannot be summed in place as dense gradients are: each rank
-        coalesces its gradient, the ranks exchange their row counts (one all-gather of one number, read on
-        the host: a sync), then gather every rank's rows and values padded to the largest count, and each
-        builds the same uncoalesced gradient of all ranks' rows, in rank order, over the number of ranks
-        (the optimiser sums the repeats). A failed rank, or one without a gradient, sends no rows.
+        See :mod:`gpu_ann.sparse_gather`: on CUDA at most ``2 x len(groups) + 1`` host-device syncs. A failed rank,
+        or one whose gradients are missing, dense or (in a group) on different rows, sends no rows and keeps
+        its gradients; the next check raises everywhere.
         """
-        grad = p.grad
-        if self.failure is None and (grad is None or not grad.is_sparse):
-            # Kept, not raised: this rank still joins the gathers below (sending no rows), so the others do not
-            # wait for it; the next check raises everywhere.
-            what = "no gradient" if grad is None else "a dense gradient"
-            self._keep(
-                ValueError(
-                    f"a lazy parameter of shape {tuple(p.shape)} has {what} after backward(); lazy Adam's "
-                    f"parameters need sparse gradients (the names given to Objective(sparse_grad=...))"
-                )
-            )
-        if self.failure is not None:
-            rows = torch.empty(0, dtype=torch.int64, device=p.device)
-            values = torch.empty((0, *p.shape[1:]), dtype=p.dtype, device=p.device)
-        else:
-            grad = grad.coalesce()  # fewer rows to send; on CUDA a sync (the number of distinct rows)
-            rows, values = grad.indices()[0], grad.values()
-        count = torch.tensor([rows.numel()], dtype=torch.int64, device=p.device)
-        counts = [torch.empty_like(count) for _ in range(self.world_size)]
-        # The previous step's gathers of p, held until now (below), are released before this step's are made,
-        # so only one step's gathers of p are alive at a time (the planner counts them: gradient_buffer).
-        _LAST_SPARSE_GATHERS.pop(id(p), None)
-        _hold(count, *counts)
-        dist.all_gather(counts, count)
-        sizes = [int(c) for c in counts]  # host-device sync: the padded size of the next two gathers
-        longest = max(sizes)
-        padded_rows = torch.zeros(longest, dtype=torch.int64, device=p.device)
-        padded_values = torch.zeros((longest, *p.shape[1:]), dtype=p.dtype, device=p.device)
-        padded_rows[: rows.numel()] = rows
-        padded_values[: rows.numel()] = values
-        all_rows = [torch.empty_like(padded_rows) for _ in range(self.world_size)]
-        all_values = [torch.empty_like(padded_values) for _ in range(self.world_size)]
-        dist.all_gather(all_rows, padded_rows)
-        dist.all_gather(all_values, padded_values)
-        # Held past the interpreter's exit, as _hold does for the others: a gloo worker whose last work was one
-        # of these gathers drops it at shutdown, and must not be the one that frees them (the gloo abort above,
-        # seen once in a two-rank lazy-adam run in CI on 2026-12-04).
-        _LAST_SPARSE_GATHERS[id(p)] = (padded_rows, padded_values, all_rows, all_values)
+        for group in groups if self.failure is None else ():
+            # Kept, not raised: this rank still joins the gathers (sending no rows), so the others do not wait
+            # for it; the next check raises everywhere.
+            problem = sparse_gather.group_problem(group)
+            if problem is not None:
+                self._keep(ValueError(problem))
         if self.failure is None:
-            rows = torch.cat([r[:n] for r, n in zip(all_rows, sizes)])
-            values = torch.cat([v[:n] for v, n in zip(all_values, sizes)]).div_(self.world_size)
-            p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape, check_invariants=False)
+            local = [sparse_gather.local_rows([p.grad for p in group]) for group in groups]
+        else:
+            local = [sparse_gather.no_rows(group) for group in groups]
+        # The previous step's gathers, held until now (below), are released before this step's are made, so
+        # only one step's are alive at a time (the planner counts them: gradient_buffer).
+        self._last_sparse_gathers = None
+        gathered, held = sparse_gather.gather_rows(local, self.world_size)
+        # Held past the gloo worker's release, as _hold does for the others: a worker whose last work was one of
+        # these gathers drops it at shutdown, and must not be the one that frees them (the gloo abort above,
+        # seen once in a two-rank lazy-adam run in CI on 2026-12-04). close() hands them to the module's hold.
+        self._last_sparse_gathers = held
+        if self.failure is None:
+            for group, (rows, values) in zip(groups, gathered):
+                for p, grad in zip(group, sparse_gather.merged_gradients(rows, values, self.world_size, group)):
+                    p.grad = grad
 
     def all_sum(self, tensor: torch.Tensor, what: str = "") -> None:
         """Replace ``tensor`` by its sum over the ranks, in place (waits for the other ranks).
@@ -412,7 +395,15 @@ class Replicas:
         return bool(self._sum_with_flags(decision, what)[0].item())  # host-device sync (already one above)
 
     def close(self) -> None:
-        """Leave the process group this object joined (a no-op otherwise)."""
+        """Leave the process group this object joined (a no-op otherwise), and let go of the last sparse gathers.
+
+        Those go to the module's bounded hold (:data:`_RECENT_COLLECTIVE_TENSORS`), as one entry: a gloo worker
+        may still release them, so they stay referenced until the interpreter exits or, in a process that
+        trains again, until later collectives take their place.
+        """
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False
+        if self._last_sparse_gathers is not None:
+            _RECENT_COLLECTIVE_TENSORS.append(tuple(self._last_sparse_gathers))
+            self._last_sparse_gathers = None

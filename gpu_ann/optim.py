@@ -22,10 +22,14 @@ table's steps, not the row's: a row first touched at a late step ``t`` has ``m =
 default betas, where Adam's first step of a parameter is lr (TensorFlow's LazyAdam does the same). Rare
 items of a large catalogue meet exactly that case.
 
-On the GPU, RowAdam coalesces each sparse gradient (sorts and merges repeated rows), and the number of
-distinct rows it finds decides the size of what follows: one host-device sync per lazy parameter per step
-(the first layer's item table on the sparse path; the output layer's weight and bias, two, with the sampled
-softmax), and under torchrun as many again where the ranks' rows are gathered.
+Each sparse gradient is coalesced (its rows sorted and repeats merged) before RowAdam reads it, and on the
+GPU the number of distinct rows that finds decides the size of what follows: a host-device sync. The output
+layer's weight and bias share the rows of one gather, so they are coalesced together
+(:mod:`gpu_ann.sparse_rows`). A step therefore syncs once per row group: once with one lazy table, twice
+with both (the first layer's item table on the sparse path, the output layer with the sampled softmax).
+Under torchrun ``gpu_ann.sparse_gather`` coalesces each group on its rank and again once gathered, and reads
+every group's row counts in one go: ``2 x groups + 1`` syncs a step (5 with both), and RowAdam finds them
+coalesced.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import math
 from collections.abc import Iterable
 
 import torch
+
+from gpu_ann.sparse_rows import coalesce_together, row_groups, shares_rows
 
 OPTIMIZERS = ("auto", "adam", "lazy-adam")
 
@@ -91,7 +97,9 @@ class RowAdam(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1  # as SparseAdam: every step with a gradient, even an empty one
-                grad = p.grad.coalesce()  # repeated rows summed; on CUDA a host-device sync (how many rows)
+                # Repeated rows summed. On CUDA a host-device sync (how many rows), unless the gradient comes
+                # coalesced already (LazyAdam.step, gpu_ann.sparse_gather): then this returns it as it is.
+                grad = p.grad.coalesce()
                 rows, g = grad.indices()[0], grad.values()
                 if rows.numel() == 0:
                     continue
@@ -158,6 +166,8 @@ class LazyAdam:
         if not lazy:
             raise ValueError("LazyAdam needs at least one lazy parameter (use torch.optim.Adam otherwise)")
         self.lazy_names = lazy
+        # Parameters whose gradients share one index tensor are coalesced together (one sort, not two).
+        self._row_groups = [tuple(named[n] for n in group) for group in row_groups(lazy)]
         dense = [p for n, p in named.items() if n not in lazy]
         # torch's optimisers refuse an empty parameter list: with every parameter lazy there is no Adam.
         self.dense = torch.optim.Adam(dense, lr=lr, betas=betas, eps=eps) if dense else None
@@ -182,7 +192,14 @@ class LazyAdam:
                     f"lazy parameter {name!r} has a dense gradient: the loss must give it a sparse one "
                     f"(pass the same names to Objective(sparse_grad=...) as to LazyAdam)"
                 )
-        # CUDA: RowAdam syncs with the host once per lazy parameter (coalesce learns how many rows there are).
+        # CUDA: one host-device sync per row group (coalescing learns how many rows there are): here for the
+        # output layer's weight and bias together, in RowAdam for a table alone.
+        for group in self._row_groups:
+            grads = [p.grad for p in group]
+            # Coalesced already under torchrun (gpu_ann.sparse_gather): nothing to do.
+            if len(group) > 1 and shares_rows(grads) and not any(g.is_coalesced() for g in grads):
+                for p, grad in zip(group, coalesce_together(grads)):
+                    p.grad = grad
         for o in self._parts:
             o.step()
 
@@ -246,18 +263,24 @@ def lazy_tables(
     mean_bag_length: float,
     negatives: int = 0,
     compile: bool = False,
+    world_size: int = 1,
 ) -> tuple[str, ...]:
     """The parameters a run updates lazily, for ``--optimizer`` and the run's sizes.
 
     ``"adam"``: none. ``"lazy-adam"``: every table :func:`lazy_parameter_names` names. ``"auto"`` (the
     default): each of those tables whose sparse gradient has fewer rows than the table itself, the rows a
-    step reads: the first layer's item table when ``batch_size * mean_bag_length < n_items`` (one row per
-    bag entry), the output layer when ``batch_size + negatives < n_items``; none under ``compile``, which
-    cannot trace sparse gradients. Fewer rows than the table is where the sparse gradient is the smaller
-    one and lazy Adam touches less than Adam would: measured on the 2-core CPU machine, at 17,500 items and
-    batch 1,024 (about 250,000 bag entries) lazy Adam on the item table made the step 2.8x slower, on the
-    output layer alone (2,048 rows) 1.18x faster, and at 10**6 items and batch 256 on both tables 17.8x
-    faster (``bench/README.md``).
+    step reads on all ``W = world_size`` ranks together: the first layer's item table when
+    ``W * batch_size * mean_bag_length < n_items`` (one row per bag entry), the output layer when
+    ``W * (batch_size + negatives) < n_items``; none under ``compile``, which cannot trace sparse gradients.
+    Fewer rows than the table is where the sparse gradient is the smaller one and lazy Adam touches less
+    than Adam would: measured on the 2-core CPU machine, at 17,500 items and batch 1,024 (about 250,000 bag
+    entries) lazy Adam on the item table made the step 2.8x slower, on the output layer alone (2,048 rows)
+    1.18x faster, and at 10**6 items and batch 256 on both tables 17.8x faster (``bench/README.md``).
+
+    Under ``torchrun`` every rank's rows count: each rank sends its own (the negatives too, though every
+    rank draws the same), the all-gather moves about ``W R (4 d + 8)`` bytes to each rank where the ring
+    all-reduce of the dense gradient moves about ``2 n d 4``, and RowAdam then steps on all ``W R`` rows
+    (the planner counts ``min(W R, n)`` of them). Every rank gets the same answer from the same sizes.
 
     Parameters
     ----------
@@ -275,6 +298,8 @@ def lazy_tables(
         Sampled negatives per step (with the sampled softmax).
     compile : bool
         The loss is compiled with ``torch.compile``.
+    world_size : int
+        Ranks of a ``torchrun`` run (1 outside one), each with a batch of ``batch_size``.
 
     Returns
     -------
@@ -284,18 +309,20 @@ def lazy_tables(
     Raises
     ------
     ValueError
-        An unknown ``optimizer``.
+        An unknown ``optimizer``, or ``world_size`` below 1.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
     names = lazy_parameter_names(path, softmax)
     if optimizer == "lazy-adam":
         return names
     if optimizer == "adam" or compile:
         return ()
     chosen = ()
-    if "embed.item_table" in names and batch_size * mean_bag_length < n_items:
+    if "embed.item_table" in names and world_size * batch_size * mean_bag_length < n_items:
         chosen += ("embed.item_table",)
-    if "out.weight" in names and batch_size + negatives < n_items:
+    if "out.weight" in names and world_size * (batch_size + negatives) < n_items:
         chosen += ("out.weight", "out.bias")
     return chosen

@@ -233,7 +233,8 @@ def estimate(
     optimizer : {"adam", "lazy-adam", "auto", "sgd"}
         Adam keeps two moments per parameter, plain SGD none; ``"lazy-adam"`` (:mod:`gpu_ann.optim`) keeps
         Adam's moments but gives the item tables a step reads only rows of sparse gradients, ``"auto"``
-        those of them whose sparse gradient has fewer rows than the table (:func:`gpu_ann.optim.lazy_tables`).
+        those of them whose sparse gradients on all ``world_size`` ranks hold fewer rows than the table
+        (:func:`gpu_ann.optim.lazy_tables`).
     device : {"cuda", "cpu"}
         Decides the size of Adam's step temporaries (foreach on CUDA, per tensor on the CPU).
     values : bool
@@ -322,7 +323,7 @@ def estimate(
         # The choice on the mean as given (the trainer's, the same on every rank); the rows counted at most this
         # rank's longest row per bag.
         given = max_row_length if mean_bag_length is None else mean_bag_length
-        names = lazy_tables(optimizer, path, softmax, n, B, given or 0.0, negatives or 0)
+        names = lazy_tables(optimizer, path, softmax, n, B, given or 0.0, negatives or 0, world_size=world_size)
         mean = min(given or 0.0, max_row_length or 0)
         if optimizer == "lazy-adam" and not names:
             raise ValueError("optimizer 'lazy-adam' needs path 'sparse' or softmax 'sampled' (no sparse gradient)")

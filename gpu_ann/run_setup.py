@@ -31,6 +31,7 @@ from gpu_ann.progress import stage
 from gpu_ann.run_log import RunLog
 from gpu_ann.sampled import NegativeSampler
 from gpu_ann.sharding import UserShard, shard_users
+from gpu_ann.sparse_rows import row_groups
 from gpu_ann.splits import FOLD_IN, TRAIN
 from gpu_ann.train_config import TrainConfig
 from gpu_ann.values import input_matrix
@@ -146,8 +147,10 @@ def plan_run(
     plan = memory_plan(cfg, table, splits, assignment, backend, replicas, shard)
     s = plan.settings
     path = s["path"]
+    # Every rank's rows count (the gather moves them all, RowAdam steps on them all): the planner's rule too.
     lazy = lazy_tables(cfg.optimizer, path, cfg.softmax, table.n_items, cfg.batch_size, s["mean_bag_length"],
-                       cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile)  # fmt: skip
+                       cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile,
+                       world_size=replicas.world_size)  # fmt: skip
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:
@@ -189,7 +192,7 @@ class Run:
     popularity: float
     model: CandidateGenerator
     optimizer: object
-    lazy_params: list
+    lazy_groups: list  # tuples of the lazy parameters, by shared rows (gpu_ann.sparse_rows.row_groups)
     sampler: NegativeSampler | None
     objective: Objective
     run_log: RunLog | None
@@ -243,7 +246,10 @@ def build_run(cfg: TrainConfig, table, splits, assignment, backend, replicas: Re
     model = CandidateGenerator(n_items, cfg.hidden).to(backend.torch_device)
     # Lazy Adam (lazy_tables, in plan_run): sparse gradients for those item tables, and updates of the rows touched.
     optimizer = model.configure_optimizer(cfg.lr, lazy)
-    lazy_params = [dict(model.named_parameters())[name] for name in lazy]  # their gradients are sparse
+    # Their gradients are sparse; under torchrun each group (the output layer's weight and bias share their
+    # rows) is gathered and coalesced as one.
+    named = dict(model.named_parameters())
+    lazy_groups = [tuple(named[name] for name in group) for group in row_groups(lazy)]
     sampler = negative_sampler(cfg, splits, n_items, backend.torch_device)
     objective = Objective(model, sampler, cfg.precision, cfg.compile, sparse_grad=lazy)
 
@@ -255,7 +261,7 @@ def build_run(cfg: TrainConfig, table, splits, assignment, backend, replicas: Re
         popularity,
         model,
         optimizer,
-        lazy_params,
+        lazy_groups,
         sampler,
         objective,
         run_log,

@@ -52,7 +52,8 @@ class TrainConfig:
         gradients and lazy Adam (SparseAdam's update, :class:`gpu_ann.optim.RowAdam`), which updates only
         the rows each step touched (:mod:`gpu_ann.optim`);
         needs one of those two, not with ``compile``. ``"auto"``: lazy for those of the two tables whose
-        step reads fewer rows than the table has (:func:`gpu_ann.optim.lazy_tables`), Adam for the rest
+        step reads fewer rows than the table has, on all ``torchrun`` ranks together
+        (:func:`gpu_ann.optim.lazy_tables`), Adam for the rest
         and for everything under ``compile``; with the dense path and the full softmax, plain Adam.
     batch_size : int
         Samples per training and evaluation batch.

@@ -173,7 +173,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     built = replicas.attempt(build_run, cfg, table, splits, assignment, backend, replicas, shard, path, lazy)
     replicas.settle(" while setting up")
     loader, eval_sets, popularity, model = built.loader, built.eval_sets, built.popularity, built.model
-    optimizer, lazy_params, sampler, objective = built.optimizer, built.lazy_params, built.sampler, built.objective
+    optimizer, lazy_groups, sampler, objective = built.optimizer, built.lazy_groups, built.sampler, built.objective
     run_log, fixed, evaluates = built.run_log, built.fixed, built.evaluates
 
     run_dir = Path(cfg.out)
@@ -340,7 +340,7 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
         batches = iter(loader)
         for _ in range(batch_in_epoch, len(loader)):  # the same count on every rank
             loss = replicas.attempt(train_step, batches)
-            replicas.average_gradients(model.parameters(), lazy_params)  # waits for the other ranks (torchrun only)
+            replicas.average_gradients(model.parameters(), lazy_groups)  # waits for the other ranks (torchrun only)
             replicas.attempt(optimizer.step)
             step += 1
             batch_in_epoch += 1

@@ -3,11 +3,13 @@ the replica check's hash (one ulp, and changes a sum would miss), and rank 0's d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
 
 import numpy as np
+import pytest
 import torch
 
 from gpu_ann.distributed import tensor_digest
@@ -169,3 +171,160 @@ def _agree_worker(rank: int) -> bool:
 
 def test_rank_zero_decides_for_all(tmp_path):
     assert run_two_ranks(_agree_worker, tmp_path) == [True, True]
+
+
+def _lazy_gradients(rank: int) -> dict:
+    """Rank ``rank``'s gradients of a small model with lazy tables, as a step makes them (uncoalesced, repeated rows).
+
+    The item table's rows are a bag's entries; the output layer's weight and bias hold one index tensor between
+    them, as one gather gives both (``gpu_ann.sampled.gather_rows``). Rank 1 reads more rows than rank 0.
+    """
+    gen = torch.Generator().manual_seed(10 + rank)
+    entries = torch.randint(0, 12, (9 + 4 * rank,), generator=gen)  # repeats within a rank, overlaps across
+    gathered = torch.randint(0, 12, (5 + rank,), generator=gen).unsqueeze(0)
+    sparse = functools.partial(torch.sparse_coo_tensor, check_invariants=True)
+    return {
+        "table": sparse(entries[None], torch.randn(len(entries), 3, generator=gen), (12, 3)),
+        "weight": sparse(gathered, torch.randn(gathered.shape[1], 4, generator=gen), (12, 4)),
+        "bias": sparse(gathered, torch.randn(gathered.shape[1], generator=gen), (12,)),
+        "dense": torch.full((2,), float(rank + 1)),
+    }
+
+
+def _old_mean(grads: list) -> torch.Tensor:
+    """The mean as each parameter was gathered before: each rank's coalesced, concatenated, over W, coalesced."""
+    ranks = [g.coalesce() for g in grads]
+    rows = torch.cat([g.indices() for g in ranks], dim=1)
+    values = torch.cat([g.values() for g in ranks]).div_(len(grads))
+    return torch.sparse_coo_tensor(rows, values, grads[0].shape, check_invariants=True).coalesce()
+
+
+def _counting(calls: list, name: str, fn):
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def _lazy_step_worker(rank: int, fallback: bool) -> dict:
+    import torch.distributed as dist
+
+    from gpu_ann import sparse_gather
+    from gpu_ann.distributed import Replicas
+    from gpu_ann.optim import RowAdam
+
+    params = {k: torch.nn.Parameter(torch.zeros(g.shape)) for k, g in _lazy_gradients(0).items()}
+    groups = [(params["table"],), (params["weight"], params["bias"])]
+    collectives, reads = [], []
+    if fallback:  # a backend without the one-tensor all-gather: it raises before sending anything
+
+        def no_single(out, tensor):
+            raise RuntimeError("no support for _allgather_base in Gloo process group")
+
+        sparse_gather._GATHER_SINGLE = no_single
+    sparse_gather._GATHER_SINGLE = _counting(collectives, "gather single", sparse_gather._GATHER_SINGLE)
+    dist.all_gather = _counting(collectives, "all_gather", dist.all_gather)
+    dist.all_reduce = _counting(collectives, "all_reduce", dist.all_reduce)
+    # Every way a tensor's value reaches the host (on CUDA, each a host-device sync), and every coalesce that
+    # sorts (on CUDA, each a sync too: the number of distinct rows).
+    for method in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__"):
+        setattr(torch.Tensor, method, _counting(reads, method, getattr(torch.Tensor, method)))
+    sorts, coalesce = [], torch.Tensor.coalesce
+
+    def counted_coalesce(t):
+        if not t.is_coalesced():  # a coalesced tensor is returned as it is
+            sorts.append(tuple(t.shape))
+        return coalesce(t)
+
+    torch.Tensor.coalesce = counted_coalesce
+    replicas = Replicas("cpu")
+    for k, g in _lazy_gradients(rank).items():
+        params[k].grad = g
+    replicas.average_gradients(params.values(), sparse=groups)
+    RowAdam([params[k] for k in ("table", "weight", "bias")]).step()  # finds every gradient coalesced
+    mine = dict(collectives=list(collectives), reads=list(reads), sorts=list(sorts))
+    torch.Tensor.coalesce = coalesce
+    theirs = [_lazy_gradients(r) for r in range(2)]  # both ranks' gradients, made again here for the reference
+    weight, bias = params["weight"].grad, params["bias"].grad
+    return dict(
+        **mine,
+        same_bits={
+            k: torch.equal(params[k].grad.to_dense(), _old_mean([t[k] for t in theirs]).to_dense())
+            for k in ("table", "weight", "bias")
+        },  # fmt: skip
+        coalesced=[params[k].grad.is_coalesced() for k in ("table", "weight", "bias")],
+        shared_rows=weight.indices().data_ptr() == bias.indices().data_ptr(),
+        dense=params["dense"].grad.tolist(),
+        without=dict(sparse_gather.WITHOUT_SINGLE_GATHER),
+    )
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_lazy_step_gathers_every_table_with_three_collectives_and_one_read(tmp_path, fallback):
+    for got in run_two_ranks(_lazy_step_worker, tmp_path, fallback):
+        # The dense all-reduce, then the row counts of both groups, their rows and their values: three gathers
+        # (with the fallback the first tries the one-tensor gather, and from then on all_gather is used alone).
+        # One value read on the host: the counts (it was one per rank per parameter).
+        gathers = ["gather single", *["all_gather"] * 3] if fallback else ["gather single"] * 3
+        assert got["collectives"] == ["all_reduce", *gathers]
+        assert got["reads"] == ["tolist"]
+        # Each group sorted twice, on the rank and gathered (the output layer's weight beside its bias: 4 + 1
+        # columns), and never again by RowAdam: four sorts, where each parameter was sorted twice before (six).
+        assert got["sorts"] == [(12, 3), (12, 5), (12, 3), (12, 5)]
+        # The same bits as each parameter gathered and coalesced on its own, coalesced for RowAdam, and the
+        # output layer's weight and bias on one row tensor.
+        assert got["same_bits"] == {"table": True, "weight": True, "bias": True}
+        assert got["coalesced"] == [True, True, True] and got["shared_rows"]
+        assert got["dense"] == [1.5, 1.5]
+        assert list(got["without"]) == (["gloo"] if fallback else [])
+
+
+def _held_gathers_worker(rank: int) -> dict:
+    import gc
+    import weakref
+
+    from gpu_ann import distributed
+    from gpu_ann.distributed import Replicas
+
+    params = {k: torch.nn.Parameter(torch.zeros(g.shape)) for k, g in _lazy_gradients(0).items()}
+    groups = [(params["table"],), (params["weight"], params["bias"])]
+
+    def step(replicas) -> list:
+        for k, g in _lazy_gradients(rank).items():
+            params[k].grad = g
+        replicas.average_gradients(params.values(), sparse=groups)
+        return [weakref.ref(t) for t in replicas._last_sparse_gathers]
+
+    def alive(refs) -> list:
+        gc.collect()
+        return [r() is not None for r in refs]
+
+    first = Replicas("cpu")
+    one, two = step(first), step(first)
+    got = dict(after_two_steps=(alive(one), alive(two)))
+    first.close()
+    last = distributed._RECENT_COLLECTIVE_TENSORS[-1]
+    got["handed_over"] = first._last_sparse_gathers is None and all(a is r() for a, r in zip(last, two, strict=True))
+    del last
+    # A second run in the same process starts with none of the first's, which stay referenced (a gloo worker
+    # may still release them) until later collectives take their place in the bounded hold.
+    second = Replicas("cpu")
+    got["second_starts_empty"] = second._last_sparse_gathers is None
+    step(second)
+    got["first_run_kept"] = alive(two)
+    for _ in range(distributed._RECENT_COLLECTIVE_TENSORS.maxlen):
+        distributed._hold(torch.zeros(1))
+    got["first_run_released"] = alive(two)
+    return got
+
+
+def test_sparse_gathers_are_held_one_step_at_a_time_by_their_run(tmp_path):
+    for got in run_two_ranks(_held_gathers_worker, tmp_path):
+        # Six tensors a step (the counts, rows and values, sent and gathered); the first step's are gone once
+        # the second step's exist: never more than one step's.
+        first, second = got["after_two_steps"]
+        assert first == [False] * 6 and second == [True] * 6
+        assert got["handed_over"] and got["second_starts_empty"]
+        assert got["first_run_kept"] == [True] * 6
+        assert got["first_run_released"] == [False] * 6

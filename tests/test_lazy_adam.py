@@ -360,6 +360,59 @@ def test_auto_makes_lazy_the_tables_whose_step_reads_fewer_rows_than_they_have()
         lazy_tables("sgd", "sparse", "sampled", 100, 16, 5.0, 8)
 
 
+def test_auto_counts_the_rows_of_every_rank():
+    from gpu_ann.optim import lazy_tables
+
+    both = ("embed.item_table", "out.weight", "out.bias")
+    # Under torchrun every rank's rows are gathered and stepped on: 10**6 items, batch 256, bags of 150 give
+    # 38,400 bag entries a rank, 307,200 on 8 ranks (fewer than the items), 1,228,800 on 32 (not); the output
+    # layer's 1,280 rows a rank stay far below on both.
+    assert lazy_tables("auto", "sparse", "sampled", 10**6, 256, 150.0, 1024, world_size=8) == both
+    assert lazy_tables("auto", "sparse", "sampled", 10**6, 256, 150.0, 1024, world_size=32) == (
+        "out.weight",
+        "out.bias",
+    )
+    # The boundary, W x (B + k): 2 x 2,048 = 4,096 rows are not fewer than 4,096 items, but than 4,097.
+    assert lazy_tables("auto", "dense", "sampled", 4096, 1024, 99.0, 1024, world_size=2) == ()
+    assert lazy_tables("auto", "dense", "sampled", 4097, 1024, 99.0, 1024, world_size=2) == ("out.weight", "out.bias")
+    assert lazy_tables("auto", "sparse", "full", 10_001, 100, 50.0, world_size=2) == ("embed.item_table",)
+    assert lazy_tables("auto", "sparse", "full", 10_000, 100, 50.0, world_size=2) == ()
+    # lazy-adam takes every table whatever the ranks.
+    assert lazy_tables("lazy-adam", "sparse", "sampled", 100, 1024, 250.0, 1024, world_size=4) == both
+    with pytest.raises(ValueError, match="world_size must be at least 1, got 0"):
+        lazy_tables("auto", "sparse", "sampled", 100, 16, 5.0, 8, world_size=0)
+
+
+@pytest.mark.parametrize("world_size, lazy", [(1, ("out.weight", "out.bias")), (2, ())])
+def test_the_trainer_and_the_planner_decide_alike_for_the_ranks(tmp_path, monkeypatch, world_size, lazy):
+    # The trainer's choice (plan_run) and the tables the planner counts come from the same rule with the same
+    # sizes and world size: 16 + 8 = 24 output rows a rank are fewer than the 30 items, two ranks' 48 are not
+    # (the item table's ~16 x 5 bag entries a rank are not either way).
+    from types import SimpleNamespace
+
+    import gpu_ann.planner as planner
+    from gpu_ann.backend import get_backend
+    from gpu_ann.optim import lazy_tables
+    from gpu_ann.run_setup import plan_run
+    from gpu_ann.training import TrainConfig, _read_and_split
+
+    counted = []
+
+    def spy(*args, **kwargs):
+        counted.append(lazy_tables(*args, **kwargs))
+        return counted[-1]
+
+    monkeypatch.setattr(planner, "lazy_tables", spy)
+    cfg = TrainConfig(backend="cpu", batch_size=16, hidden=(8, 8, 8), input_path="sparse", softmax="sampled",
+                      negatives=8, memory_budget=2**40, out=str(tmp_path / "run"))  # fmt: skip
+    t = _tiny_table()
+    _, splits, assignment = _read_and_split(cfg, t, None)
+    replicas = SimpleNamespace(rank=0, world_size=world_size, is_main=True)  # what plan_run reads of Replicas
+    path, chosen = plan_run(cfg, t, splits, assignment, get_backend("cpu"), replicas, None)
+    assert path == "sparse" and chosen == lazy
+    assert counted == [lazy]  # the planner counted the same tables
+
+
 def _tiny_table():
     from gpu_ann.data.table import RatingsTable
 

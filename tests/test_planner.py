@@ -140,6 +140,17 @@ def test_auto_decides_on_the_mean_bag_length_as_given():
     assert lazy["gradients"] == (6 + 9 + 16 + 4 * 1000 + 1000) * 4 + 96
 
 
+def test_auto_decides_on_every_ranks_rows():
+    # Under torchrun RowAdam steps on every rank's gathered rows: with 10 items and 2 x 2 = 4 bag entries a
+    # rank, 2 ranks read 8 rows (fewer: lazy, as the trainer decides with the same world size), 3 ranks 12 (Adam).
+    settings = {**TINY, "n_items": 10, "path": "sparse", "max_row_length": 4, "mean_bag_length": 2.0}
+    two = estimate(**settings, optimizer="auto", world_size=2).terms()
+    assert two["gradients"] == (6 + 9 + 16 + 4 * 10 + 10) * 4 + 4 * (2 * 4 + 8)
+    assert two == estimate(**settings, optimizer="lazy-adam", softmax="full", world_size=2).terms()
+    three = estimate(**settings, optimizer="auto", world_size=3).terms()
+    assert three == estimate(**settings, optimizer="adam", world_size=3).terms()
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
