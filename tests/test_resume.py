@@ -303,7 +303,7 @@ def test_resume_keeps_the_saved_runs_lazy_tables_when_auto_would_now_choose_othe
     with pytest.raises(Crash):
         training.train(dataclasses.replace(cfg, out=str(cut)), _lazy_table())
     monkeypatch.setattr(training, "save_resume_state", real)
-    monkeypatch.setattr(run_setup, "lazy_tables", lambda *args: ())  # the rule as it might read one day
+    monkeypatch.setattr(run_setup, "lazy_tables", lambda *args, **kwargs: ())  # the rule as it might read one day
     training.resume_run(cut)
     a, b = load_resume_state(whole), load_resume_state(cut)
     assert a.finished and b.finished and a.step == b.step == 12

@@ -310,4 +310,5 @@ def test_logged_throughput_counts_the_training_steps_not_the_evaluation(tmp_path
     result = train(cfg, tiny_table())
     first, second = result.history
     assert (first["step"], second["step"]) == (5, 10)
-    assert second["samples_per_s"] > 5 * 40, second  # a fivefold margin over the cap with the evaluation
+    # Twice the cap: a loaded machine has taken 430 ms for the 5 steps (184 samples/s), the evaluation alone 2 s.
+    assert second["samples_per_s"] > 2 * 40, second
