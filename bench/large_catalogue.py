@@ -42,6 +42,7 @@ from gpu_ann.data.readers import load_bundled_anime
 from gpu_ann.data.table import RatingsTable, ReadSummary
 from gpu_ann.loader import BatchLoader
 from gpu_ann.matrix import InteractionMatrix
+from gpu_ann.memory_budget import device_budget
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import Objective
 from gpu_ann.optim import OPTIMIZERS
@@ -273,7 +274,7 @@ def planner_report(cfg: TrainConfig, table: RatingsTable, splits, lengths: np.nd
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:  # what train() uses when no budget is given
-        budget = int(0.9 * planner.device_budget(backend))
+        budget = int(0.9 * device_budget(backend))
         where = f"90% of the memory free on {backend.torch_device}"
     print(f"memory planner (hidden {cfg.hidden}), budget {planner.format_bytes(budget)} ({where}):")
     scan = []

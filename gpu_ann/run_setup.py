@@ -22,6 +22,7 @@ from gpu_ann.batching import FixedBatches
 from gpu_ann.data.table import RatingsTable
 from gpu_ann.distributed import Replicas
 from gpu_ann.loader import BatchLoader
+from gpu_ann.memory_budget import device_budget
 from gpu_ann.metrics import popularity_loss
 from gpu_ann.model import CandidateGenerator
 from gpu_ann.objective import SOFTMAXES, Objective
@@ -154,7 +155,7 @@ def plan_run(
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:
-        budget = int(0.9 * planner.device_budget(backend))  # host-device sync on CUDA, once
+        budget = int(0.9 * device_budget(backend))  # host-device sync on CUDA, once
         where = f"90% of the memory free on {backend.torch_device}"
     planner.check(plan, budget, where)
     updates = f"lazy Adam for {', '.join(lazy)}" if lazy else "Adam"

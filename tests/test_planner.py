@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from gpu_ann.backend import get_backend
+from gpu_ann.memory_budget import device_budget
 from gpu_ann.model import CandidateGenerator
-from gpu_ann.planner import MemoryBudgetExceeded, MemoryPlan, check, device_budget, estimate, format_bytes
+from gpu_ann.planner import MemoryBudgetExceeded, MemoryPlan, check, estimate, format_bytes
 
 # The tiny run of the hand-computed cases: 3 users x 5 items, 7 stored entries (one training sample each),
 # hidden (h0, h1, h2) = (2, 3, 4), batch B = 2.
@@ -353,14 +354,14 @@ def test_device_budget_on_the_cpu():
 
 
 def test_device_budget_reads_memavailable_in_kib_and_caps_it(tmp_path, monkeypatch):
-    import gpu_ann.planner as planner
+    import gpu_ann.memory_budget as memory_budget
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       2000 kB\nMemFree:         100 kB\nMemAvailable:   1500 kB\n")
-    monkeypatch.setattr(planner, "MEMINFO", str(meminfo))
-    monkeypatch.setattr(planner, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(memory_budget, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory_budget, "_cgroup_headroom", lambda: None)
     assert device_budget("cpu") == 1500 * 1024
-    monkeypatch.setattr(planner, "_cgroup_headroom", lambda: 4096)  # a container limit below MemAvailable
+    monkeypatch.setattr(memory_budget, "_cgroup_headroom", lambda: 4096)  # a container limit below MemAvailable
     assert device_budget("cpu") == 4096
 
 
