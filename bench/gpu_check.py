@@ -4,16 +4,21 @@ A GPU is lent to this project rarely and briefly (15 minutes of device time per 
 and a rerun included; a command may run 10 minutes; at most 8 files come back, no more than two folders
 down). So the check is built to that lease:
 
-* stages run most important first (the gpu tests, memcheck, the assembly targets, ...), each under its own
-  cap and all under one deadline (``--budget``); a stage that would start with too little time left is
-  not started, and the summary prints the ``--only`` command that runs what is left;
-* every stage runs even when an earlier one failed; a stage killed at its cap takes its children with it;
-* what comes back is flat: ``summary.txt``, ``results.md``, ``results.json`` and ``logs.tar.gz`` (every
-  log, each benchmark stage's own tables, pytest-benchmark's JSON) in ``$OUT``;
-* the summary and the table of targets are printed last, where the device tool's output tail has them.
+* stages run most important first (the gpu tests, memcheck, a training epoch, the assembly targets, ...),
+  each under its own cap and all under one deadline (``--budget``); a stage that would start with less
+  than half its cap left is not started, and the summary prints the ``--only ... --budget ...`` command
+  that runs what is left (and what the deadline cut short);
+* every stage runs even when an earlier one failed; a stage killed at its cap, or with the check (SIGTERM),
+  takes its children with it;
+* what comes back is flat: ``summary.txt``, ``results.md``, ``results.json`` and ``logs.tar.gz`` (the
+  text each stage wrote: logs, tables, pytest-benchmark's JSON) in ``$OUT``, rewritten after every stage,
+  so that a run cut off from outside still returns what it finished;
+* each stage's line is printed as it ends; the summary and the table of targets are printed last, where
+  the device tool's output tail has them.
 
-``--rehearse`` runs the same stages with the same flags on the CPU at tiny sizes, so that a typo in a flag
-or a broken stage shows here, in CI, and not in the minutes of a GPU lease (``tests/test_gpu_check.py``).
+``--rehearse`` runs the same stages on the CPU at tiny sizes, then collects each benchmark stage's GPU
+command (its exact flags, ``--backend cpu``) with ``--collect-only``, so that a typo in a flag or a broken
+stage shows here, in CI, and not in the minutes of a GPU lease (``tests/test_gpu_check.py``).
 
     bash bench/gpu_check.sh                    # on the GPU machine (the same as python3 bench/gpu_check.py)
     bash bench/gpu_check.sh --only compiled,lazy
@@ -23,6 +28,7 @@ or a broken stage shows here, in CI, and not in the minutes of a GPU lease (``te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -38,8 +44,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MIN_STAGE_S = 20  # a stage given less than this is not started: it would only be killed
+MIN_STAGE_S = 20  # a stage given less than this, or than half its cap, is not started: it would only be killed
+MIN_SHARE = 0.5
 RESERVE_S = 10  # kept back from the budget for packing and printing
+SETUP_S = 60  # what a rerun's budget adds for the set-up (install, gpu-ann info)
+TEXT = {".log", ".json", ".jsonl", ".md", ".txt", ".toml"}  # what logs.tar.gz holds: no checkpoints or arrays
 MAX_LOGS_BYTES = 15 * 2**20  # the device tool returns files of up to 16 MiB
 REHEARSAL_SLOWER = 4  # caps and budget under --rehearse, against the GPU's
 DEFAULT_BUDGET_S = 390  # 6.5 minutes: with a machine's start, a rerun of what is left still fits 15
@@ -73,7 +82,7 @@ def stages(rehearse: bool, staging: Path) -> list[Stage]:
         Stage(
             "gpu-tests",
             110,
-            [PY, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-rs"],
+            [PY, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-ra"],
             keep=r"(PASSED|FAILED|ERROR|SKIPPED)",
         ),
         Stage(
@@ -83,6 +92,14 @@ def stages(rehearse: bool, staging: Path) -> list[Stage]:
             + [PY, "bench/sanitizer_workload.py"],
             keep=r"(ERROR SUMMARY|sanitizer workload)",
             skip="rehearsal: no device to check" if rehearse else "" if sanitizer else "compute-sanitizer not found",
+        ),
+        Stage(
+            "train-epoch",
+            50,
+            [PY, "-m", "gpu_ann", "train", "--backend", backend, "--out", str(staging / "run")]
+            + ["--max-epochs", "1"]
+            + (["--max-steps", "5"] if rehearse else []),
+            keep=r"^(done in|validation loss|popularity)",
         ),
         Stage(
             "assembly",
@@ -126,18 +143,25 @@ def stages(rehearse: bool, staging: Path) -> list[Stage]:
             + ["--train-compiled", "none", "--lazy-items", lazy_items],
             results=True,
         ),
-        Stage(
-            "train-epoch",
-            50,
-            [PY, "-m", "gpu_ann", "train", "--backend", backend, "--out", str(staging / "run")]
-            + ["--max-epochs", "1"]
-            + (["--max-steps", "5"] if rehearse else []),
-            keep=r"^(done in|validation loss|popularity)",
-        ),
     ]
     if rehearse:  # the caps are sized for the GPU; two shared CPU cores take longer over less
         plan = [replace(s, cap_s=s.cap_s * REHEARSAL_SLOWER) for s in plan]
+        plan += gpu_flag_stages(staging)
     return plan
+
+
+def gpu_flag_stages(staging: Path) -> list[Stage]:
+    """The rehearsal's check of the GPU run's own flags: each benchmark stage's GPU command collected, not run.
+
+    ``--backend cuda`` cannot collect off a GPU (the variants depend on the backend), so it becomes
+    ``--backend cpu``; every other flag and value is the GPU run's (its sizes, bf16 specs, scale).
+    """
+    flags = []
+    for s in stages(False, staging):
+        if s.results:
+            argv = [("cpu" if a == "cuda" and b == "--backend" else a) for b, a in zip([""] + s.argv, s.argv)]
+            flags.append(Stage(f"{s.name}-gpu-flags", 120, argv + ["--collect-only", "-q"], keep=r"tests? collected"))
+    return flags
 
 
 def run_stage(stage: Stage, timeout: float, logs: Path, results_dir: Path | None) -> tuple[str, int, float]:
@@ -150,22 +174,33 @@ def run_stage(stage: Stage, timeout: float, logs: Path, results_dir: Path | None
     with open(logs / f"{stage.name}.log", "w") as log:
         log.write("$ " + " ".join(argv) + "\n")
         log.flush()
-        # Its own process group, so that a timeout also ends what the stage started (pytest's children,
-        # compute-sanitizer's target).
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Its own process group (in the check's session, which the device tool ends with the command), so
+        # that a timeout, or the check's own end, also ends what the stage started: pytest's children,
+        # compute-sanitizer's target.
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **_OWN_GROUP)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            rc = None
+        finally:  # also on SIGTERM (SystemExit) or Ctrl-C while waiting
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return "TIMEOUT", -9, time.monotonic() - started
-    return ("ok" if rc == 0 else "FAILED"), rc, time.monotonic() - started
+    seconds = time.monotonic() - started
+    if rc is None:
+        return "TIMEOUT", -9, seconds
+    return ("ok" if rc == 0 else "FAILED"), rc, seconds
+
+
+# process_group is Python 3.11's; setpgrp before exec is the same where it is missing.
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def stage_lines(stage: Stage, log: Path) -> list[str]:
     """What the summary keeps of a stage's log: its matching lines and its last line."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     kept = [f"  {x.strip()}" for x in lines if stage.keep and re.search(stage.keep, x)]
+    kept.sort(key=lambda x: not re.search(r"FAILED|ERROR", x))  # failures first, should the list be cut
     return kept[:40] + ([f"  last line: {lines[-1].strip()}"] if lines else [])
 
 
@@ -209,21 +244,22 @@ def _met(t: dict) -> bool:
 
 
 def pack_logs(staging: Path, archive: Path) -> list[str]:
-    """Everything the stages wrote, as one archive under the returned-file limit; returns what was left out."""
-    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    left_out, total = [], 0
-    with tarfile.open(archive, "w:gz") as tar:
-        for p in files:  # smallest first: logs and tables before model checkpoints
-            size = p.stat().st_size
-            if total + size > 4 * MAX_LOGS_BYTES or p.suffix in (".pt", ".npy"):
-                left_out.append(f"{p.relative_to(staging)} ({size:,} bytes)")
-                continue
-            tar.add(p, arcname=str(p.relative_to(staging)))
-            total += size
-    if archive.stat().st_size > MAX_LOGS_BYTES:  # text compresses ~10x; this is the case it did not
-        archive.unlink()
-        left_out.append(f"logs.tar.gz itself: over {MAX_LOGS_BYTES:,} bytes compressed")
-    return left_out
+    """The text the stages wrote, as one archive under the returned-file limit; returns what was left out.
+
+    Checkpoints and arrays stay out (megabytes each, nothing to read); should the text itself not fit,
+    the logs alone go in.
+    """
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    text = [p for p in files if p.suffix in TEXT]
+    left_out = [f"{p.relative_to(staging)} ({p.stat().st_size:,} bytes)" for p in files if p.suffix not in TEXT]
+    for chosen in (text, [p for p in text if p.parent.name == "logs"]):
+        with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+            for p in chosen:
+                tar.add(p, arcname=str(p.relative_to(staging)))
+        if archive.stat().st_size <= MAX_LOGS_BYTES:
+            return left_out + [f"{p.relative_to(staging)} (over the size limit)" for p in text if p not in chosen]
+    archive.unlink()
+    return left_out + [f"logs.tar.gz: even the logs alone are over {MAX_LOGS_BYTES:,} bytes compressed"]
 
 
 def _setup_command(argv: list[str], log: Path, timeout: float) -> tuple[int | str, str]:
@@ -260,51 +296,67 @@ def environment(rehearse: bool, logs: Path) -> tuple[list[str], bool]:
     return lines, ok
 
 
-def run_all(plan: list[Stage], only: list[str], args, staging: Path, deadline: float) -> tuple[list[str], list, bool]:
-    """The set-up and every stage asked for, in order, inside the deadline: (summary lines, record, all ok)."""
-    logs = staging / "logs"
-    lines, ok = environment(args.rehearse, logs)
-    record, not_run = [], []
-    for stage in plan:
-        if only and stage.name not in only:
-            continue
+class Check:
+    """One run of the check: its summary so far, the stages' record, and the four files of ``out``."""
+
+    def __init__(self, out: Path, staging: Path, plan: list[Stage], header: str):
+        self.out, self.staging, self.plan = out, staging, plan
+        self.summary, self.record, self.rerun, self.ok, self.merged = [header], [], [], True, {}
+
+    def say(self, lines: list[str]) -> None:
+        """Add lines to the summary and print them now: a run cut off from outside has shown them."""
+        self.summary += lines
+        print(*lines, sep="\n", flush=True)
+
+    def save(self) -> None:
+        """Rewrite the four files from what the stages have left so far."""
+        self.merged, md = merge_results(self.staging, [s.name for s in self.plan if s.results])
+        header = self.summary[0]
+        table = [header, "", *md, "## targets", "", *target_lines(self.merged)]
+        (self.out / "results.md").write_text("\n".join(table) + "\n")
+        payload = {"header": header, "stages": self.record, "results": self.merged}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+        (self.staging / "summary.txt").write_text("\n".join(self.summary) + "\n")
+        left_out = pack_logs(self.staging, self.out / "logs.tar.gz")
+        note = ["not in logs.tar.gz: " + "; ".join(left_out)] if left_out else []
+        (self.out / "summary.txt").write_text("\n".join(self.summary + note) + "\n")
+
+    def run(self, stage: Stage, deadline: float, rehearse: bool) -> None:
+        """One stage, or the reason it does not run, into the summary and the record."""
         left = deadline - time.monotonic() - RESERVE_S
         status, rc, secs = "SKIPPED", None, 0.0
         if stage.skip:
-            lines.append(f"{stage.name}: SKIPPED ({stage.skip})")
-        elif left < MIN_STAGE_S:
+            self.say([f"{stage.name}: SKIPPED ({stage.skip})"])
+        elif left < max(MIN_STAGE_S, MIN_SHARE * stage.cap_s):
             status = "NOT RUN"
-            not_run.append(stage.name)
-            lines.append(f"{stage.name}: NOT RUN ({max(left, 0):.0f} s of the budget left)")
+            self.rerun.append(stage)
+            self.say([f"{stage.name}: NOT RUN ({max(left, 0):.0f} s of the budget left, its cap {stage.cap_s} s)"])
         else:
             timeout = min(stage.cap_s, left)
-            results_dir = staging / "results" / stage.name if stage.results else None
-            status, rc, secs = run_stage(stage, timeout, logs, results_dir)
-            ok &= status == "ok"
-            lines.append(f"{stage.name}: {status} (exit {rc}, {secs:.0f} s of {timeout:.0f})")
-            lines += stage_lines(stage, logs / f"{stage.name}.log")
-            if stage.name == "gpu-tests" and not args.rehearse and "SKIPPED" in (logs / "gpu-tests.log").read_text():
-                ok = False
+            results_dir = self.staging / "results" / stage.name if stage.results else None
+            log = self.staging / "logs" / f"{stage.name}.log"
+            status, rc, secs = run_stage(stage, timeout, log.parent, results_dir)
+            self.ok &= status == "ok"
+            if status == "TIMEOUT" and timeout < stage.cap_s:  # cut short by the deadline, not by its own cap
+                self.rerun.append(stage)
+            lines = [f"{stage.name}: {status} (exit {rc}, {secs:.0f} s of {timeout:.0f})", *stage_lines(stage, log)]
+            if stage.name == "gpu-tests" and not rehearse and "SKIPPED" in log.read_text():
+                self.ok = False
                 lines.append("  gpu tests were SKIPPED on a GPU machine: the cuda backend is not usable (see above)")
-        record.append(dict(stage=stage.name, status=status, exit=rc, seconds=round(secs, 1)))
-    if not_run:
-        lines.append(f"time ran out; the rest: bash bench/gpu_check.sh --only {','.join(not_run)}")
-    return lines, record, ok and not not_run
+            self.say(lines)
+        self.record.append(dict(stage=stage.name, status=status, exit=rc, seconds=round(secs, 1)))
+        self.save()
+
+    def rerun_command(self, rehearse: bool) -> str:
+        """The command that runs what the deadline left out, with a budget of just their caps."""
+        budget = min(SETUP_S + RESERVE_S + sum(s.cap_s for s in self.rerun), DEFAULT_BUDGET_S)
+        names = ",".join(s.name for s in self.rerun)
+        return f"bash bench/gpu_check.sh --only {names} --budget {budget}" + (" --rehearse" if rehearse else "")
 
 
-def write_outputs(out: Path, staging: Path, plan: list[Stage], summary: list[str], record: list) -> dict:
-    """The four files of ``out``; returns the merged benchmark results."""
-    merged, md = merge_results(staging, [s.name for s in plan if s.results])
-    (out / "results.md").write_text("\n".join([summary[0], "", *md, "## targets", "", *target_lines(merged)]) + "\n")
-    (out / "results.json").write_text(
-        json.dumps({"header": summary[0], "stages": record, "results": merged}, indent=1, default=float) + "\n"
-    )
-    (staging / "summary.txt").write_text("\n".join(summary) + "\n")
-    left_out = pack_logs(staging, out / "logs.tar.gz")
-    if left_out:
-        summary.append("not in logs.tar.gz: " + "; ".join(left_out))
-    (out / "summary.txt").write_text("\n".join(summary) + "\n")
-    return merged
+def _terminate(signum, frame):
+    """SIGTERM (the device tool's timeout, ``timeout``): end the running stage and save, by way of ``finally``."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,37 +378,44 @@ def main(argv: list[str] | None = None) -> int:
     staging = Path(tempfile.mkdtemp(prefix="gpu-ann-check-"))
     (staging / "logs").mkdir()
     plan = stages(args.rehearse, staging)
-    names = [s.name for s in plan]
     only = [x for x in args.only.split(",") if x]
-    if set(only) - set(names):
+    unknown = sorted(set(only) - {s.name for s in plan})
+    if unknown:
         shutil.rmtree(staging)
-        p.error(f"--only {args.only!r}: unknown stage(s) {sorted(set(only) - set(names))}; stages are {names}")
+        p.error(f"--only {args.only!r}: unknown stage(s) {unknown}; stages are {[s.name for s in plan]}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for old in ("summary.txt", "results.md", "results.json", "logs.tar.gz"):
         (out / old).unlink(missing_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    summary = [
+    header = (
         f"gpu-ann GPU check{' REHEARSAL on the CPU' if args.rehearse else ''}, "
         f"{time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())}, commit {commit.stdout.strip() or 'unknown'}, "
         f"budget {args.budget:.0f} s" + (f", only {args.only}" if only else "")
-    ]
-    record, ok = [], False
+    )
+    check = Check(out, staging, plan, header)
+    print("==== summary ====", header, sep="\n", flush=True)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        lines, record, ok = run_all(plan, only, args, staging, deadline)
-        summary += lines
-    except Exception as exc:  # the check itself broke: still leave what it has, and say so
-        summary.append(f"the check itself failed: {exc!r}")
+        lines, check.ok = environment(args.rehearse, staging / "logs")
+        check.say(lines)
+        check.save()
+        for stage in plan:
+            if not only or stage.name in only:
+                check.run(stage, deadline, args.rehearse)
+        if check.rerun:
+            check.say([f"time ran out; the rest: {check.rerun_command(args.rehearse)}"])
+    except BaseException as exc:  # the check itself broke, or was stopped: still leave what it has, and say so
+        check.say([f"the check stopped: {exc!r}"])
         raise
     finally:
-        merged = write_outputs(out, staging, plan, summary, record)
+        signal.signal(signal.SIGTERM, previous)
+        check.save()
         shutil.rmtree(staging, ignore_errors=True)
-        print("\n==== summary ====", *summary, sep="\n")
         print(f"\n==== targets ({out}/results.md has every ratio and measurement) ====")
-        print(*target_lines(merged, headline=True), sep="\n")
-    return 0 if ok else 1
+        print(*target_lines(check.merged, headline=True), sep="\n", flush=True)
+    return 0 if check.ok and not check.rerun else 1
 
 
 if __name__ == "__main__":

@@ -156,6 +156,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone: what is still buffered cannot be written."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from gpu_ann.backend import BackendUnavailable
     from gpu_ann.checkpoint import CheckpointError
@@ -179,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         commands = {"train": _train, "recommend": _recommend, "score": _score, "evaluate": _evaluate, "info": _info}
-        return commands[args.command](args)
+        rc = commands[args.command](args)
+        sys.stdout.flush()  # a reader that went away shows here, inside this handler, not at interpreter exit
+        return rc
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # another pipe (a worker's, a socket's) broke: that is an error of its own
         # The reader went away (gpu-ann info --json | head): stop quietly, as other command-line tools do, and
         # point stdout at /dev/null so that the interpreter's own flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

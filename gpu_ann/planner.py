@@ -199,6 +199,7 @@ def estimate(
     epoch_samples: int | None = None,
     mean_bag_length: float | None = None,
     compiled: bool = False,
+    lazy_names: tuple[str, ...] | None = None,
 ) -> MemoryPlan:
     """Estimate the device bytes of training :class:`~gpu_ann.model.CandidateGenerator` with these settings.
 
@@ -256,6 +257,9 @@ def estimate(
     compiled : bool
         The run is ``torch.compile``-d, which traces no sparse gradient: ``"auto"`` then means Adam, and
         ``"lazy-adam"`` is refused by the trainer (:func:`check` offers it only without ``--compile``).
+    lazy_names : tuple of str, optional
+        The tables updated lazily, given rather than decided from ``optimizer``: a resumed run's, as its
+        saved optimiser state names them.
 
     Returns
     -------
@@ -316,11 +320,13 @@ def estimate(
     optimizer_bytes = 0 if optimizer == "sgd" else 2 * P * f32
     # lazy Adam: (rows, width) of each sparse gradient, and the dense parameters' sizes without those tables.
     lazy, dense_sizes = [], list(sizes)
-    if optimizer in ("auto", "lazy-adam"):
+    if lazy_names is not None or optimizer in ("auto", "lazy-adam"):
         # The choice on the mean as given (the trainer's, the same on every rank); the rows counted at most this
         # rank's longest row per bag.
         given = max_row_length if mean_bag_length is None else mean_bag_length
-        names = lazy_tables(optimizer, path, softmax, n, B, given or 0.0, negatives or 0, world_size=world_size)
+        names = lazy_names
+        if names is None:
+            names = lazy_tables(optimizer, path, softmax, n, B, given or 0.0, negatives or 0, world_size=world_size)
         mean = min(given or 0.0, max_row_length or 0)
         if optimizer == "lazy-adam" and not names:
             raise ValueError("optimizer 'lazy-adam' needs path 'sparse' or softmax 'sampled' (no sparse gradient)")

@@ -74,7 +74,7 @@ _NOTHING_LAZY = (
 
 
 def memory_plan(
-    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard
+    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard, lazy_names=None
 ) -> planner.MemoryPlan:
     """The planner's estimate for this rank, with the input path chosen (``cfg.input_path`` or the cheaper one).
 
@@ -132,26 +132,30 @@ def memory_plan(
         optimizer=cfg.optimizer,  # lazy-adam with --compile was refused before this
         mean_bag_length=overall[0],
         compiled=cfg.compile,
+        lazy_names=lazy_names,
     )
 
 
 def plan_run(
-    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard
+    cfg: TrainConfig, table: RatingsTable, splits, assignment, backend, replicas: Replicas, shard, saved_lazy=None
 ) -> tuple[str, tuple[str, ...]]:
     """Choose the input path and the lazily updated tables; refuse, before anything is allocated, a run that
     cannot fit the device.
 
     Returns the input path and the parameters lazy Adam updates (:func:`gpu_ann.optim.lazy_tables`; empty for
-    plain Adam). Everything here is host arithmetic on sizes (and one query of the device's free memory, a
-    sync, when no budget is given).
+    plain Adam), or for a resumed run ``saved_lazy``, those its saved optimiser state names: the rule, or what
+    it reads, may have changed since the run was saved. Everything here is host arithmetic on sizes (and one
+    query of the device's free memory, a sync, when no budget is given).
     """
-    plan = memory_plan(cfg, table, splits, assignment, backend, replicas, shard)
+    plan = memory_plan(cfg, table, splits, assignment, backend, replicas, shard, lazy_names=saved_lazy)
     s = plan.settings
     path = s["path"]
-    # Every rank's rows count (the gather moves them all, RowAdam steps on them all): the planner's rule too.
-    lazy = lazy_tables(cfg.optimizer, path, cfg.softmax, table.n_items, cfg.batch_size, s["mean_bag_length"],
-                       cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile,
-                       world_size=replicas.world_size)  # fmt: skip
+    if saved_lazy is not None:
+        lazy = tuple(saved_lazy)
+    else:  # every rank's rows count (the gather moves them all, RowAdam steps on them all): the planner's rule too
+        lazy = lazy_tables(cfg.optimizer, path, cfg.softmax, table.n_items, cfg.batch_size, s["mean_bag_length"],
+                           cfg.negatives if cfg.softmax == "sampled" else 0, cfg.compile,
+                           world_size=replicas.world_size)  # fmt: skip
     if cfg.memory_budget is not None:
         budget, where = cfg.memory_budget, "--memory-budget"
     else:

@@ -32,26 +32,40 @@ from gpu_ann.sparse_rows import coalesce_joined, joined_values, shares_rows, spl
 _GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 # Backends found without it in this process (gloo in some torch releases), with the error they gave.
 WITHOUT_SINGLE_GATHER: dict[str, str] = {}
+_PROBED: dict[str, tuple] = {}  # backend -> the probe's tensors, held for the process (gloo reads them late)
 
 
 def all_gather_flat(out: torch.Tensor, tensor: torch.Tensor) -> list:
     """Every rank's 1-D ``tensor`` into ``out`` (``[W x len]``, in rank order); returns the tensors to hold.
 
-    One collective into one tensor where the backend has it. A backend without it raises before sending
-    anything, on every rank alike; it is then answered by ``all_gather`` into views of ``out``, and from
-    then on sent there directly (:data:`WITHOUT_SINGLE_GATHER`).
+    One collective into one tensor where the backend has it (:func:`_has_single_gather`), else
+    ``all_gather`` into views of ``out``.
     """
-    backend = dist.get_backend()
-    if backend not in WITHOUT_SINGLE_GATHER:
-        try:
-            _GATHER_SINGLE(out, tensor)
-            return [out, tensor]
-        except (RuntimeError, NotImplementedError) as exc:
-            # A real failure of the group fails the all_gather below too, and that error is raised.
-            WITHOUT_SINGLE_GATHER[backend] = f"{type(exc).__name__}: {exc}"
-    parts = list(out.view(-1, tensor.numel()).unbind(0))
+    if _has_single_gather(out.device):
+        _GATHER_SINGLE(out, tensor)  # a failure here is the group's, raised as it is
+        return [out, tensor]
+    parts = list(out.view(dist.get_world_size(), -1).unbind(0))  # (W, 0) when no rank sends anything
     dist.all_gather(parts, tensor)
     return [out, tensor, *parts]
+
+
+def _has_single_gather(device: torch.device) -> bool:
+    """Whether this process group's backend has the one-tensor all-gather: asked once, with one number.
+
+    A backend without it raises before sending anything, on every rank alike, and a one-number gather cannot
+    fail for want of memory on one rank only; so the ranks agree, and a later failure of a real gather is
+    raised, rather than switching one rank alone to another collective while the others wait in the first.
+    """
+    backend = dist.get_backend()
+    if backend not in _PROBED:
+        probe = torch.zeros(1, dtype=torch.int64, device=device)
+        out = torch.empty(dist.get_world_size(), dtype=torch.int64, device=device)
+        try:
+            _GATHER_SINGLE(out, probe)
+        except (RuntimeError, NotImplementedError) as exc:
+            WITHOUT_SINGLE_GATHER[backend] = f"{type(exc).__name__}: {exc}"
+        _PROBED[backend] = (probe, out)
+    return backend not in WITHOUT_SINGLE_GATHER
 
 
 def group_problem(group: Sequence[torch.nn.Parameter]) -> str | None:

@@ -157,17 +157,11 @@ def _train(cfg, table, resume, backend, replicas: Replicas, started: float) -> T
     # Every rank checks its own plan (sizes and free memory differ between ranks), and they agree on the
     # outcome before any other collective: a rank that does not fit stops the others too, rather than
     # leaving them waiting for it in the first gradient all-reduce.
-    planned = replicas.attempt(plan_run, cfg, table, splits, assignment, backend, replicas, shard)
+    # A resumed run updates lazily what it did when saved (LazyAdam's state names its tables, Adam's none).
+    saved_lazy = None if resume is None else tuple(resume[0].optimizer_state.get("lazy_names", ()))
+    planned = replicas.attempt(plan_run, cfg, table, splits, assignment, backend, replicas, shard, saved_lazy)
     replicas.settle(" in its memory plan")
     path, lazy = planned
-    if resume is not None:
-        # Update lazily what the saved run did (LazyAdam's state names its tables, Adam's names none), not what
-        # --optimizer auto decides today: the rule, or the statistics it reads, may have changed since.
-        saved = tuple(resume[0].optimizer_state.get("lazy_names", ()))
-        if saved != lazy:
-            log.info("resuming with the lazy tables the run was saved with, %s (auto would choose %s now)",
-                     list(saved), list(lazy))  # fmt: skip
-        lazy = saved
 
     # Every rank builds its own part; they agree on the outcome before the first step's collectives.
     built = replicas.attempt(build_run, cfg, table, splits, assignment, backend, replicas, shard, path, lazy)

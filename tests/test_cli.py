@@ -1,5 +1,6 @@
 """The gpu-ann command: help text, a tiny training run, recommend, and clear errors."""
 
+import os
 import subprocess
 import sys
 
@@ -142,8 +143,10 @@ def test_help_shows_real_defaults_the_way_flags_take_them(capsys):
 
 def test_a_reader_that_goes_away_ends_the_command_quietly():
     # `gpu-ann info --json | head -1`: the pipe closes before the report is written.
+    # Buffered output (no PYTHONUNBUFFERED) reaches the pipe only at the end: the case that used to escape.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, "-m", "gpu_ann", "info", "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+                            stderr=subprocess.PIPE, env=env)  # fmt: skip
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141

@@ -263,10 +263,10 @@ def _lazy_step_worker(rank: int, fallback: bool) -> dict:
 @pytest.mark.parametrize("fallback", [False, True])
 def test_a_lazy_step_gathers_every_table_with_three_collectives_and_one_read(tmp_path, fallback):
     for got in run_two_ranks(_lazy_step_worker, tmp_path, fallback):
-        # The dense all-reduce, then the row counts of both groups, their rows and their values: three gathers
-        # (with the fallback the first tries the one-tensor gather, and from then on all_gather is used alone).
-        # One value read on the host: the counts (it was one per rank per parameter).
-        gathers = ["gather single", *["all_gather"] * 3] if fallback else ["gather single"] * 3
+        # The dense all-reduce, then the row counts of both groups, their rows and their values: three gathers,
+        # after the process's one probe of the one-tensor gather (with the fallback it raises, and all_gather
+        # is used from then on). One value read on the host: the counts (it was one per rank per parameter).
+        gathers = ["gather single", *(["all_gather"] if fallback else ["gather single"]) * 3]
         assert got["collectives"] == ["all_reduce", *gathers]
         assert got["reads"] == ["tolist"]
         # Each group sorted twice, on the rank and gathered (the output layer's weight beside its bias: 4 + 1

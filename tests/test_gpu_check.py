@@ -3,6 +3,7 @@ files back, and a rehearsal of every stage on the CPU so that a GPU's minutes ar
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,9 +42,9 @@ def test_deadline_caps_and_rerun_command(tmp_path, monkeypatch, capsys):
         f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); time.sleep(60)"
     )
     fake = [
-        gpu_check.Stage("quick", 30, python("print('measured 42 things')"), keep=r"measured"),
+        gpu_check.Stage("quick", 10, python("print('measured 42 things')"), keep=r"measured"),
         gpu_check.Stage("hangs", 2, spawner),
-        gpu_check.Stage("fails", 30, python("import sys; sys.exit(3)")),
+        gpu_check.Stage("fails", 10, python("import sys; sys.exit(3)")),
         gpu_check.Stage("skipped", 30, python("pass"), skip="nothing to check"),
         gpu_check.Stage("late", 30, python("pass")),
     ]
@@ -68,7 +69,8 @@ def test_deadline_caps_and_rerun_command(tmp_path, monkeypatch, capsys):
     assert lines["fails"].startswith("fails: FAILED (exit 3")
     assert lines["skipped"] == "skipped: SKIPPED (nothing to check)"
     assert lines["late"].startswith("late: NOT RUN")
-    assert "time ran out; the rest: bash bench/gpu_check.sh --only late" in summary
+    # Its budget: the set-up's 60 s and its cap (reserve patched to 0 here).
+    assert "time ran out; the rest: bash bench/gpu_check.sh --only late --budget 90 --rehearse" in summary
     record = json.loads((out / "results.json").read_text())["stages"]
     assert [(r["stage"], r["status"]) for r in record] == [
         ("quick", "ok"),
@@ -83,6 +85,57 @@ def test_deadline_caps_and_rerun_command(tmp_path, monkeypatch, capsys):
         names = set(tar.getnames())
     assert {"logs/quick.log", "logs/hangs.log", "logs/fails.log", "summary.txt"} <= names
     assert "summary" in capsys.readouterr().out
+
+
+def test_a_stage_the_deadline_cuts_short_is_rerun_and_one_without_time_for_half_its_cap_waits(tmp_path, monkeypatch):
+    gpu_check = load_driver()
+    fake = [
+        gpu_check.Stage("cut", 10, python("import time; time.sleep(60)")),  # 6 s of its 10: cut short
+        gpu_check.Stage("half", 8, python("pass")),  # under 1 s left of the 4 s it needs: not started
+    ]
+    monkeypatch.setattr(gpu_check, "stages", lambda rehearse, staging: fake)
+    monkeypatch.setattr(gpu_check, "environment", lambda rehearse, logs: ([], True))
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 1)
+    monkeypatch.setattr(gpu_check, "RESERVE_S", 0)
+    assert gpu_check.main(["--rehearse", "--budget", "6", "--out", str(tmp_path)]) == 1
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "cut: TIMEOUT (exit -9, 6 s of 6)" in summary and "half: NOT RUN" in summary
+    assert "--only cut,half --budget 78" in summary  # the set-up's 60 + 10 + 8
+
+
+def test_sigterm_ends_the_running_stage_and_leaves_what_was_done(tmp_path, monkeypatch):
+    # The device tool's timeout (or `timeout`) stops the check: the stage's children must go with it, and
+    # the files must hold the stages that finished.
+    import signal
+    import threading
+
+    gpu_check = load_driver()
+    marker = tmp_path / "grandchild-survived"
+    child = tmp_path / "child.py"
+    child.write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w').close()\n")
+    spawner = python(
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); time.sleep(60)"
+    )
+    fake = [
+        gpu_check.Stage("done", 30, python("print('first stage finished')"), keep="finished"),
+        gpu_check.Stage("running", 60, spawner),
+        gpu_check.Stage("never", 30, python("pass")),
+    ]
+    monkeypatch.setattr(gpu_check, "stages", lambda rehearse, staging: fake)
+    monkeypatch.setattr(gpu_check, "environment", lambda rehearse, logs: ([], True))
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(["--rehearse", "--out", str(tmp_path / "out")])
+    timer.join()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not gpu_check._terminate  # the handler was put back
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "done: ok" in summary and "  first stage finished" in summary
+    assert "the check stopped: SystemExit(143)" in summary and "never" not in summary
+    assert [r["stage"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["stages"]] == ["done"]
+    time.sleep(2.5)  # past the moment the stage's grandchild would have written (3 s after it started)
+    assert not marker.exists()
 
 
 def slow_after(name, run_stage, seconds):
@@ -111,18 +164,34 @@ def test_only_runs_the_named_stages_and_refuses_unknown_ones(tmp_path, monkeypat
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_logs_archive_leaves_out_checkpoints_and_says_so(tmp_path):
+def test_logs_archive_holds_text_only_and_falls_back_to_the_logs(tmp_path, monkeypatch):
     gpu_check = load_driver()
     staging = tmp_path / "staging"
     (staging / "logs").mkdir(parents=True)
     (staging / "logs" / "a.log").write_text("hello\n" * 1000)
     (staging / "run").mkdir()
     (staging / "run" / "model.pt").write_bytes(b"\0" * 5000)
+    (staging / "run" / "data.npz").write_bytes(b"\0" * 3000)
+    (staging / "run" / "metrics.jsonl").write_bytes(os.urandom(40_000))  # incompressible
     left_out = gpu_check.pack_logs(staging, tmp_path / "logs.tar.gz")
-    assert left_out == ["run/model.pt (5,000 bytes)"]
+    assert left_out == ["run/data.npz (3,000 bytes)", "run/model.pt (5,000 bytes)"]
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["logs/a.log", "run/metrics.jsonl"]
+        assert tar.extractfile("logs/a.log").read() == b"hello\n" * 1000
+    # Text over the limit: the logs alone come back, and the rest is named.
+    monkeypatch.setattr(gpu_check, "MAX_LOGS_BYTES", 20_000)
+    left_out = gpu_check.pack_logs(staging, tmp_path / "logs.tar.gz")
+    assert left_out[-1] == "run/metrics.jsonl (over the size limit)"
     with tarfile.open(tmp_path / "logs.tar.gz") as tar:
         assert tar.getnames() == ["logs/a.log"]
-        assert tar.extractfile("logs/a.log").read() == b"hello\n" * 1000
+
+
+def test_the_sanitizer_workload_imports_what_it_uses():
+    # memcheck runs it only on a GPU: at least its imports and names are checked here.
+    spec = importlib.util.spec_from_file_location("sanitizer_workload", ROOT / "bench" / "sanitizer_workload.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(module.main) and module.SIZES[-1] == module.MAX_ROWS
 
 
 def test_headline_keeps_goals_and_the_compile_and_lazy_ratios():
@@ -150,20 +219,29 @@ def test_headline_keeps_goals_and_the_compile_and_lazy_ratios():
 @pytest.mark.slow
 def test_rehearsal_runs_every_stage_on_the_cpu_and_returns_four_flat_files(tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run(
-        ["bash", "bench/gpu_check.sh", "--rehearse", "--out", str(out)],
+    # The documented entry point, with this interpreter; a budget the rehearsal fits on a loaded machine,
+    # and SIGTERM (which ends its stages too) should the test's own limit come first.
+    proc = subprocess.Popen(
+        ["bash", "bench/gpu_check.sh", "--rehearse", "--budget", "800", "--out", str(out)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        env={**os.environ, "PYTHON": sys.executable},
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert set(files) == RETURNED
     for p in out.iterdir():
         assert p.is_file() and RETURNABLE_NAME.match(p.name) and p.stat().st_size < 16 * 2**20
     gpu_check = load_driver()
     names = [s.name for s in gpu_check.stages(True, tmp_path)]
+    assert names[-4:] == [f"{n}-gpu-flags" for n in ("assembly", "train-step", "compiled", "lazy")]
     record = json.loads((out / "results.json").read_text())
     assert [r["stage"] for r in record["stages"]] == names
     assert {r["stage"]: r["status"] for r in record["stages"]} == {
@@ -174,12 +252,17 @@ def test_rehearsal_runs_every_stage_on_the_cpu_and_returns_four_flat_files(tmp_p
     assert set(results) == {"assembly", "train-step", "compiled", "lazy"}
     whats = {t["what"] for payload in results.values() for t in payload["targets"]}
     assert "rows/s vs scipy slice + toarray" in whats
-    assert "samples/s vs the same variant eager with Adam (n=2000)" in whats  # compiled and lazy Adam
     assert "steps/s vs torch.optim.SparseAdam, same gradients (n=20000)" in whats
+    same_variant = "samples/s vs the same variant eager with Adam (n=2000)"
+    for stage, suffix in (("compiled", " compiled"), ("lazy", " lazy-adam")):
+        assert any(t["what"] == same_variant and t["method"].endswith(suffix) for t in results[stage]["targets"])
     with tarfile.open(out / "logs.tar.gz") as tar:
         archived = set(tar.getnames())
+        flags = tar.extractfile("logs/compiled-gpu-flags.log").read().decode()
     assert {f"logs/{n}.log" for n in names if n != "memcheck"} <= archived
     assert "large-catalogue/large_catalogue.json" in archived
+    # The GPU run's own flags were collected: its compiled bf16 variants at 100k items, B = 4096.
+    assert "n100000-B4096-sparse-sampled-bf16-compiled" in flags and "--train-dtypes bf16" in flags
     # The table comes last in what the command prints, where the device tool's output tail has it.
-    tail = done.stdout.rstrip().splitlines()
+    tail = stdout.rstrip().splitlines()
     assert tail[-1].startswith("| lazy | steps/s vs torch.optim.SparseAdam")

@@ -152,6 +152,17 @@ def test_auto_decides_on_every_ranks_rows():
     assert three == estimate(**settings, optimizer="adam", world_size=3).terms()
 
 
+def test_a_resumed_run_is_planned_with_the_lazy_tables_it_saved():
+    # auto at 600 items a bag would plan Adam (1,200 rows > 1,000 items); a run saved with the table lazy (an
+    # older rule, say) is planned as it will train, lazily; one saved with Adam, as Adam whatever auto says.
+    settings = {**TINY, "n_items": 1000, "path": "sparse", "max_row_length": 4, "mean_bag_length": 600.0}
+    saved_lazy = estimate(**settings, optimizer="auto", lazy_names=("embed.item_table",)).terms()
+    assert saved_lazy == estimate(**settings, optimizer="lazy-adam", softmax="full").terms()
+    assert saved_lazy != estimate(**settings, optimizer="auto").terms()
+    small = {**settings, "mean_bag_length": 3.0}  # where auto would choose the table lazily
+    assert estimate(**small, optimizer="auto", lazy_names=()).terms() == estimate(**small, optimizer="adam").terms()
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [

@@ -151,3 +151,53 @@ def test_a_torchrun_step_syncs_twice_per_row_group_and_once_for_the_counts():
     assert torch.equal(weight.grad.to_dense(), weight_grad.coalesce().to_dense())
     moved = set(weight.detach().ne(0).any(dim=1).nonzero().flatten().tolist())
     assert moved == set(weight_grad._indices()[0].tolist())
+
+
+@pytest.fixture
+def one_rank_gloo(tmp_path, monkeypatch):
+    """A one-process gloo group, and the probe's memory of this process left as the test found it."""
+    import torch.distributed as dist
+
+    from gpu_ann import sparse_gather
+
+    monkeypatch.setattr(sparse_gather, "_PROBED", {})
+    monkeypatch.setattr(sparse_gather, "WITHOUT_SINGLE_GATHER", {})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield sparse_gather
+    dist.destroy_process_group()
+
+
+def test_a_backend_without_the_one_tensor_gather_is_found_once_and_empty_gathers_work(one_rank_gloo, monkeypatch):
+    sparse_gather = one_rank_gloo
+    calls = []
+
+    def no_single(out, tensor):
+        calls.append(tensor.numel())
+        raise RuntimeError("no support for _allgather_base in Gloo process group")
+
+    monkeypatch.setattr(sparse_gather, "_GATHER_SINGLE", no_single)
+    values = torch.arange(6, dtype=torch.float32)
+    out = torch.empty(6)
+    sparse_gather.all_gather_flat(out, values)
+    assert torch.equal(out, values) and calls == [1]  # the one-number probe, then all_gather
+    assert list(sparse_gather.WITHOUT_SINGLE_GATHER) == ["gloo"]
+    # Every rank sending no rows (each failed the same check): a [W x 0] gather, not a reshape error.
+    empty = torch.empty(0)
+    sparse_gather.all_gather_flat(empty, torch.empty(0))
+    assert empty.shape == (0,) and calls == [1]
+
+
+def test_a_failing_gather_on_a_backend_that_has_it_is_raised_not_taken_for_a_missing_one(one_rank_gloo, monkeypatch):
+    # Were it taken for a missing collective, this rank alone would switch to all_gather while the others
+    # wait in the one-tensor gather: a hang.
+    sparse_gather = one_rank_gloo
+    sparse_gather.all_gather_flat(torch.empty(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64))  # probes
+    assert sparse_gather.WITHOUT_SINGLE_GATHER == {}
+
+    def out_of_memory(out, tensor):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(sparse_gather, "_GATHER_SINGLE", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sparse_gather.all_gather_flat(torch.empty(3), torch.ones(3))
+    assert sparse_gather.WITHOUT_SINGLE_GATHER == {}
