@@ -160,7 +160,7 @@ def gpu_flag_stages(staging: Path) -> list[Stage]:
     for s in stages(False, staging):
         if s.results:
             argv = [("cpu" if a == "cuda" and b == "--backend" else a) for b, a in zip([""] + s.argv, s.argv)]
-            flags.append(Stage(f"{s.name}-gpu-flags", 120, argv + ["--collect-only", "-q"], keep=r"tests? collected"))
+            flags.append(Stage(f"{s.name}-gpu-flags", 120, argv + ["--collect-only"], keep=r"tests? collected"))
     return flags
 
 
