@@ -31,19 +31,23 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def spawner(tmp_path: Path, delay: float) -> tuple[list[str], Path]:
+    """A stage that starts a child which writes a marker after ``delay`` s, then waits a minute; the marker."""
+    marker = tmp_path / "grandchild-survived"
+    child = tmp_path / "child.py"
+    child.write_text(f"import time\ntime.sleep({delay})\nopen({str(marker)!r}, 'w').close()\n")
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); time.sleep(60)"
+    return python(code), marker
+
+
 def test_deadline_caps_and_rerun_command(tmp_path, monkeypatch, capsys):
     gpu_check = load_driver()
-    marker = tmp_path / "grandchild-survived"
-    # A stage that starts a child which would write the marker after 4 s, then waits: killed at its 2 s cap,
-    # the child must die with it (its own process group), or the marker appears.
-    child = tmp_path / "child.py"
-    child.write_text(f"import time\ntime.sleep(4)\nopen({str(marker)!r}, 'w').close()\n")
-    spawner = python(
-        f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); time.sleep(60)"
-    )
+    # A stage whose child would write the marker after 4 s: killed at its 2 s cap, the child must die with it
+    # (its own process group), or the marker appears.
+    hangs, marker = spawner(tmp_path, 4)
     fake = [
         gpu_check.Stage("quick", 10, python("print('measured 42 things')"), keep=r"measured"),
-        gpu_check.Stage("hangs", 2, spawner),
+        gpu_check.Stage("hangs", 2, hangs),
         gpu_check.Stage("fails", 10, python("import sys; sys.exit(3)")),
         gpu_check.Stage("skipped", 30, python("pass"), skip="nothing to check"),
         gpu_check.Stage("late", 30, python("pass")),
@@ -110,15 +114,10 @@ def test_sigterm_ends_the_running_stage_and_leaves_what_was_done(tmp_path, monke
     import threading
 
     gpu_check = load_driver()
-    marker = tmp_path / "grandchild-survived"
-    child = tmp_path / "child.py"
-    child.write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w').close()\n")
-    spawner = python(
-        f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); time.sleep(60)"
-    )
+    running, marker = spawner(tmp_path, 3)
     fake = [
         gpu_check.Stage("done", 30, python("print('first stage finished')"), keep="finished"),
-        gpu_check.Stage("running", 60, spawner),
+        gpu_check.Stage("running", 60, running),
         gpu_check.Stage("never", 30, python("pass")),
     ]
     monkeypatch.setattr(gpu_check, "stages", lambda rehearse, staging: fake)
