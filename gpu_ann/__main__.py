@@ -1,3 +1,3 @@
-from gpu_ann.cli import main
+from gpu_ann.cli import entry
 
-raise SystemExit(main())
+entry()

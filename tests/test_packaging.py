@@ -43,6 +43,6 @@ def test_wheel_contents(tmp_path):
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "Provides-Extra: cuda12" in text and "Provides-Extra: cuda13" in text and "Provides-Extra: dev" in text
     assert (
-        "gpu-ann = gpu_ann.cli:main"
+        "gpu-ann = gpu_ann.cli:entry"
         in zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     )
